@@ -1,0 +1,143 @@
+"""`rlhf <command>`: world, pretrain, sft, eval, run.
+
+Every training command takes ``--config FILE`` (a stage YAML, or a pipeline YAML whose section for
+the stage is used) and per-field overrides such as ``--train.lr 3e-4``. ``rlhf COMMAND --help``
+lists every field with its documentation and default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from rlhf.config import EvalConfig, PretrainConfig, RunConfig, SFTConfig, WorldConfig
+from rlhf.configlib import ConfigError, add_arguments, build_config
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False)])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # ours show the work; theirs would only add noise
+
+
+def _cmd_world(ns: argparse.Namespace) -> None:
+    from rlhf.world import write_world
+
+    if getattr(ns, "world_cmd", None) == "judge":
+        _cmd_judge(ns)
+        return
+    cfg = build_config(WorldConfig, ns, section="world", whole=RunConfig)
+    paths = write_world(ns.out, seed=cfg.seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft, n_sft_val=cfg.n_sft_val,
+                        n_prompts_train=cfg.n_prompts_train, n_prompts_heldout=cfg.n_prompts_heldout)
+    for name, path in paths.items():
+        print(f"{name:<18} {path}")
+
+
+def _cmd_judge(ns: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlhf.data.io import load_records
+    from rlhf.world import judge_prompt, summarise
+
+    judgements = []
+    for where, row in load_records(ns.file):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            raise ConfigError(f"{where}: each record needs string fields 'prompt' and 'response'")
+        try:
+            judgements.append(judge_prompt(row["prompt"], row["response"]))
+        except ValueError as e:
+            raise ConfigError(f"{where}: field 'prompt': {e}") from e
+    summary = summarise(judgements)
+    table = Table(title=f"gold judge: {ns.file}")
+    for col in ("family", "n", "gold_score"):
+        table.add_column(col, justify="right" if col != "family" else "left")
+    for fam, stats in summary["families"].items():
+        table.add_row(fam, str(stats["n"]), f"{stats['gold_score']:.3f}")
+    table.add_row("[bold]all", str(summary["n"]), f"[bold]{summary['gold_score']:.3f}")
+    Console().print(table)
+    if ns.json:
+        print(json.dumps(summary, indent=2))
+
+
+def _cmd_pretrain(ns: argparse.Namespace) -> None:
+    from rlhf.stages.pretrain import run_pretrain
+
+    _print_result(run_pretrain(build_config(PretrainConfig, ns, section="pretrain", whole=RunConfig)))
+
+
+def _cmd_sft(ns: argparse.Namespace) -> None:
+    from rlhf.stages.sft import run_sft
+
+    _print_result(run_sft(build_config(SFTConfig, ns, section="sft", whole=RunConfig)))
+
+
+def _cmd_eval(ns: argparse.Namespace) -> None:
+    from rlhf.evaluation.policy import run_eval
+
+    _print_result(run_eval(build_config(EvalConfig, ns, section="eval", whole=RunConfig)))
+
+
+def _cmd_run(ns: argparse.Namespace) -> None:
+    from rlhf.stages.pipeline import run_pipeline
+
+    run_pipeline(build_config(RunConfig, ns))
+
+
+def _print_result(result: dict) -> None:
+    shown = {k: v for k, v in result.items() if k not in ("config", "against")}
+    print(json.dumps(shown, indent=2, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: SFT -> reward model -> PPO, with evaluation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: list[tuple[str, str, type | None, Callable]] = [
+        ("world", "generate the assistant world (corpus, demonstrations, prompts); `world judge FILE` scores responses",
+         WorldConfig, _cmd_world),
+        ("pretrain", "train the tokenizer and the tiny base model on a corpus", PretrainConfig, _cmd_pretrain),
+        ("sft", "supervised fine-tuning of a causal LM folder", SFTConfig, _cmd_sft),
+        ("eval", "generate on held-out prompts and score with the gold judge", EvalConfig, _cmd_eval),
+        ("run", "the whole pipeline: world -> pretrain -> SFT -> eval", RunConfig, _cmd_run),
+    ]
+    for name, help_text, cls, fn in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if cls is None else argparse.HelpFormatter)
+        p.add_argument("--config", metavar="FILE", help="YAML config (a stage file, or a pipeline file such as configs/demo.yaml)")
+        if name == "world":
+            p.add_argument("--out", default="runs/world", help="output folder")
+            world_sub = p.add_subparsers(dest="world_cmd", metavar="judge")
+            j = world_sub.add_parser("judge", help="score a JSONL of {prompt, response} records and print per-family results")
+            j.add_argument("file", help="JSONL file with 'prompt' and 'response' fields")
+            j.add_argument("--json", action="store_true", help="also print the summary as JSON")
+        add_arguments(p, cls)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    _setup_logging(ns.verbose)
+    from rlhf.data.io import DataError
+
+    try:
+        ns.fn(ns)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"rlhf {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Typed configs for every stage, grouped by concern.
+
+Each field's docstring is its ``--help`` text. Derived values (effective batch size, number of
+steps) are properties or are computed by the stage, never configured. Paths that a pipeline run
+fills in (``model``, ``data``, ``out``) default to null and are required only when a stage is run
+on its own (see :func:`require`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf.configlib import ConfigError
+
+
+def require(cfg: object, *names: str, stage: str) -> None:
+    """Fail before any work starts when a path the stage needs was not given."""
+    missing = [n for n in names if getattr(cfg, n) in (None, "")]
+    if missing:
+        flags = ", ".join(f"--{n}" for n in missing)
+        raise ConfigError(f"{stage}: missing required setting(s) {', '.join(missing)} (pass {flags} or set them in the YAML)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by pretraining, SFT and the reward model."""
+
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps; overrides epochs."""
+    batch_size: int = 16
+    """Micro-batch size per device (sequences per forward pass)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step. Effective batch = batch_size * grad_accum * processes."""
+    lr: float = 2e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_ratio: float = 0.05
+    """Share of the steps spent warming the learning rate up linearly from 0."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay as a share of the peak learning rate (cosine and linear)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    eval_every: int = 0
+    """Run validation every N optimiser steps (0: at the end of each epoch)."""
+    early_stopping_patience: int = 0
+    """Stop after this many validations without improvement, keeping the best weights (0: off)."""
+    log_every: int = 10
+    """Write metrics every N optimiser steps."""
+    seed: int = 0
+    """Seed for the data order, initialisation of new weights and dropout."""
+    bf16: bool = False
+    """bf16 autocast (mixed precision through accelerate); weights and optimiser stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: must be >= 1 or null, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.eval_every < 0 or self.early_stopping_patience < 0 or self.max_grad_norm < 0:
+            raise ConfigError("train.eval_every, train.early_stopping_patience and train.max_grad_norm must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through peft."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names to adapt (Llama/Qwen: q_proj, k_proj, v_proj, o_proj; GPT-2: c_attn)."""
+    save: Literal["merged", "adapter"] = "merged"
+    """Save merged full weights (loads anywhere) or only the adapter (small; needs the base model)."""
+
+    def validate(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ConfigError(f"lora.r and lora.alpha must be >= 1, got r={self.r}, alpha={self.alpha}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules: must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are cut to length."""
+
+    path: str | None = None
+    """Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` folder saved with save_to_disk."""
+    val_path: str | None = None
+    """Validation data in the same formats; when null, val_fraction of the training data is held out."""
+    val_fraction: float = 0.05
+    """Share of the training data held out for validation when val_path is null."""
+    max_length: int = 256
+    """Longest sample in tokens (prompt + response, after the chat template)."""
+    truncation: Literal["left", "right", "error"] = "left"
+    """Overlong samples: 'left' drops the oldest prompt tokens and keeps the response whole, 'right' cuts
+    the end (the response may lose its EOS), 'error' treats them as bad rows (see on_error). A sample
+    with no response token left is dropped and counted."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad rows (malformed, missing or empty fields, too long with truncation='error'): fail on the first,
+    or skip them and print how many and the first reasons."""
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length: must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class ModelLoadConfig:
+    """How a model folder is loaded."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype at load time (training keeps fp32 master weights unless you choose otherwise)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model folder. Off unless you trust the source."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel."""
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1: supervised fine-tuning on demonstrations; the loss covers response tokens only."""
+
+    model: str | None = None
+    """The causal LM folder to fine-tune (ours, or a Llama/GPT-2/Qwen folder on disk)."""
+    out: str | None = None
+    """Output folder: an ordinary Hugging Face model folder plus metrics.jsonl."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=2e-5))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+    def validate(self) -> None:
+        if self.load.dtype != "float32" and not self.lora.enabled:
+            raise ConfigError(
+                f"load.dtype={self.load.dtype!r} trains all weights in low precision; use float32 with "
+                "train.bf16 (mixed precision) or enable lora"
+            )
+
+
+@dataclass
+class TokenizerConfig:
+    """The byte-level BPE tokenizer trained on the corpus."""
+
+    vocab_size: int = 2048
+    """Vocabulary size including the special tokens."""
+    min_frequency: int = 2
+    """Least count for a merge to be learned."""
+
+
+@dataclass
+class ArchConfig:
+    """Shape of the tiny LlamaForCausalLM that plays the base model."""
+
+    hidden_size: int = 192
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (hidden_size must divide evenly)."""
+    intermediate_size: int = 512
+    """Width of the SwiGLU MLP."""
+    max_position_embeddings: int = 512
+    """Longest sequence the model supports."""
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"arch.hidden_size ({self.hidden_size}) must be divisible by arch.num_heads ({self.num_heads})")
+
+
+@dataclass
+class PretrainConfig:
+    """Base model: train a tokenizer and pretrain a tiny Llama on the world's web-like corpus."""
+
+    corpus: str | None = None
+    """JSONL corpus: rows of {"text"} (prose) or {"messages"} (chat transcripts, rendered with the chat template)."""
+    out: str | None = None
+    """Output folder: model (safetensors), tokenizer with chat template, metrics.jsonl."""
+    seq_len: int = 128
+    """Tokens per packed training block."""
+    val_fraction: float = 0.02
+    """Share of the blocks held out for validation loss."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_ratio=0.03)
+    )
+
+    def validate(self) -> None:
+        if self.seq_len > self.arch.max_position_embeddings:
+            raise ConfigError(
+                f"seq_len ({self.seq_len}) exceeds arch.max_position_embeddings ({self.arch.max_position_embeddings})"
+            )
+
+
+@dataclass
+class WorldConfig:
+    """The embedded assistant world: how much of each artefact to generate."""
+
+    seed: int = 0
+    """Seed for every generator of the world."""
+    n_pretrain: int = 20000
+    """Documents in the web-like pretraining corpus."""
+    n_sft: int = 2000
+    """SFT demonstrations (train split)."""
+    n_sft_val: int = 200
+    """SFT validation demonstrations."""
+    n_prompts_train: int = 1000
+    """Training prompts for preference collection and RL."""
+    n_prompts_heldout: int = 300
+    """Held-out evaluation prompts (held-out phrasings and entities included)."""
+
+    def validate(self) -> None:
+        for name in ("n_pretrain", "n_sft", "n_sft_val", "n_prompts_train", "n_prompts_heldout"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"world.{name}: must be >= 1")
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings for evaluation and rollouts."""
+
+    max_new_tokens: int = 48
+    """Longest response in tokens."""
+    do_sample: bool = False
+    """Sample (with temperature/top_p and the seed) instead of greedy decoding."""
+    temperature: float = 1.0
+    """Sampling temperature (do_sample only)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (do_sample only)."""
+    batch_size: int = 64
+    """Prompts per generation batch (left-padded)."""
+
+    def validate(self) -> None:
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("generation: need temperature > 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Policy evaluation on the world's held-out prompts, judged by the gold judge."""
+
+    model: str | None = None
+    """Model folder to evaluate."""
+    against: str | None = None
+    """A second model folder; adds win_rate of `model` over it on the same prompts (ties count half)."""
+    out: str | None = None
+    """Output JSON file."""
+    prompts: str | None = None
+    """Prompt file (JSONL with 'prompt'); null: the world's held-out prompts generated with eval.seed."""
+    n_prompts: int = 300
+    """Prompts to evaluate (balanced over families when generated)."""
+    seed: int = 0
+    """Seed for prompt generation and sampling."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+
+@dataclass
+class RunConfig:
+    """The whole pipeline (`rlhf run`): world -> pretrain -> SFT -> eval."""
+
+    out: str = "runs/demo"
+    """Run folder; each stage writes a subfolder and is skipped when its finished output exists."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

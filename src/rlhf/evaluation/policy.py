@@ -1,0 +1,76 @@
+"""Policy evaluation: generate on held-out prompts and score with the world's gold judge.
+
+The gold judge is the only source of truth here; it is never used to train the policy. Responses
+are greedy by default, so two runs on the same model give the same figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlhf.config import EvalConfig, require
+from rlhf.data.io import load_prompts, write_jsonl_atomic
+from rlhf.fsutil import write_json_atomic
+from rlhf.models.generation import Generation, generate
+from rlhf.models.loading import load_causal_lm
+from rlhf.report.progress import progress_bar
+from rlhf.world import judge_prompt, prompt_set, summarise
+
+log = logging.getLogger("rlhf.eval")
+
+
+def eval_prompts(cfg: EvalConfig) -> list[dict]:
+    """[{"prompt": messages, "family": ...}]: the given file, or the world's held-out prompts."""
+    if cfg.prompts:
+        rows = [{"prompt": ex.prompt, **ex.extra} for ex in load_prompts(cfg.prompts)]
+        return rows[: cfg.n_prompts]
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}], "family": r["family"]}
+            for r in prompt_set("heldout", cfg.n_prompts, cfg.seed)]
+
+
+def run_policy(model_dir: str, prompts: Sequence[dict], cfg: EvalConfig, desc: str) -> list[Generation]:
+    model, tok = load_causal_lm(model_dir, cfg.load)
+    with progress_bar(desc, len(prompts)) as bar:
+        return generate(model, tok, [p["prompt"] for p in prompts], cfg.generation, seed=cfg.seed, progress=bar)
+
+
+def score(prompts: Sequence[dict], gens: Sequence[Generation]) -> tuple[dict, list]:
+    """Metrics of one policy's responses, and the per-sample judgements."""
+    judgements = [judge_prompt(p["prompt"][-1]["content"], g.text) for p, g in zip(prompts, gens)]
+    metrics = summarise(judgements)
+    metrics["mean_length"] = sum(len(g.token_ids) for g in gens) / max(len(gens), 1)
+    metrics["eos_rate"] = sum(g.ended for g in gens) / max(len(gens), 1)
+    return metrics, judgements
+
+
+def win_rate(ours: Sequence, theirs: Sequence) -> float:
+    """Share of prompts where our gold total beats theirs; ties count half."""
+    wins = sum(1.0 if a.total > b.total else 0.5 if a.total == b.total else 0.0 for a, b in zip(ours, theirs))
+    return wins / max(len(ours), 1)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate cfg.model (and cfg.against); write cfg.out (JSON) and a samples file beside it."""
+    require(cfg, "model", "out", stage="eval")
+    prompts = eval_prompts(cfg)
+    gens = run_policy(cfg.model, prompts, cfg, "eval")
+    metrics, judged = score(prompts, gens)
+    result = {"model": str(cfg.model), "n_prompts": len(prompts), **metrics}
+    samples = [
+        {"prompt": p["prompt"][-1]["content"], "family": j.family, "response": g.text, "gold": j.total,
+         "ended": g.ended, "reasons": list(j.reasons)}
+        for p, g, j in zip(prompts, gens, judged)
+    ]
+    if cfg.against:
+        other_gens = run_policy(cfg.against, prompts, cfg, "eval ref")
+        other_metrics, other_judged = score(prompts, other_gens)
+        result["win_rate"] = win_rate(judged, other_judged)
+        result["against"] = {"model": str(cfg.against), **other_metrics}
+        for s, g, j in zip(samples, other_gens, other_judged):
+            s["against_response"], s["against_gold"] = g.text, j.total
+    out = Path(cfg.out)
+    write_json_atomic(out, result)
+    write_jsonl_atomic(out.with_name(out.stem + ".samples.jsonl"), samples)
+    return result

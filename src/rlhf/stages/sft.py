@@ -1,0 +1,94 @@
+"""Stage 1: supervised fine-tuning on demonstrations.
+
+Any causal LM folder plus an SFT dataset gives a fine-tuned model folder. The loss covers response
+tokens only: prompt tokens carry the label IGNORE_INDEX (-100), so the model learns to answer, not
+to imitate users.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from rlhf.config import DataConfig, SFTConfig, require
+from rlhf.configlib import to_dict
+from rlhf.data.chat import Encoded, TooLong, encode_sft, pad_right
+from rlhf.data.io import SFTExample, load_sft
+from rlhf.fsutil import atomic_dir, write_json_atomic
+from rlhf.models.loading import apply_lora, load_causal_lm, save_model
+from rlhf.report.metrics import MetricsLogger
+from rlhf.training import evaluate_loss, fit, lm_loss, make_accelerator
+
+log = logging.getLogger("rlhf.sft")
+
+
+def encode_examples(tok, examples: list[SFTExample], data: DataConfig) -> list[Encoded]:
+    """Tokenize with the chat template and the truncation policy; report what was dropped."""
+    encoded, dropped = [], []
+    for ex in examples:
+        e = encode_sft(tok, ex.prompt, ex.completion, data.max_length, data.truncation)
+        if e is None:
+            dropped.append(ex.source)
+        else:
+            encoded.append(e)
+    if dropped:
+        log.warning("dropped %d of %d samples with no response token left after %s truncation to %d tokens (first: %s)",
+                    len(dropped), len(examples), data.truncation, data.max_length, ", ".join(dropped[:3]))
+    if not encoded:
+        raise ValueError(f"no trainable samples left after truncation to data.max_length={data.max_length}")
+    return encoded
+
+
+def load_split(tok, data: DataConfig, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    """Training and validation examples: from val_path, or a seeded val_fraction of the training file."""
+
+    def too_long(ex: SFTExample) -> str | None:  # only checked when truncation='error'
+        try:
+            encode_sft(tok, ex.prompt, ex.completion, data.max_length, "error")
+        except TooLong as e:
+            return str(e)
+        return None
+
+    check = too_long if data.truncation == "error" else None
+    train = list(load_sft(data.path, on_error=data.on_error, validate=check))
+    if data.val_path:
+        return train, list(load_sft(data.val_path, on_error=data.on_error, validate=check))
+    random.Random(seed).shuffle(train)
+    n_val = int(len(train) * data.val_fraction)
+    return train[n_val:], train[:n_val]
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Fine-tune cfg.model on cfg.data; write cfg.out atomically; return a summary."""
+    require(cfg, "model", "out", stage="sft")
+    require(cfg.data, "path", stage="sft (data)")
+    model, tok = load_causal_lm(cfg.model, cfg.load, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    train_ex, val_ex = load_split(tok, cfg.data, cfg.train.seed)
+    train, val = encode_examples(tok, train_ex, cfg.data), encode_examples(tok, val_ex, cfg.data) if val_ex else []
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+
+    def collate(rows: list[Encoded]):
+        return pad_right(rows, tok.pad_token_id)
+
+    val_batches = [collate(val[i : i + cfg.train.batch_size]) for i in range(0, len(val), cfg.train.batch_size)]
+    acc = make_accelerator(cfg.train)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("SFT on %d samples (%d validation); %.2fM trainable parameters", len(train), len(val), trainable / 1e6)
+    with atomic_dir(cfg.out) as tmp:
+        with MetricsLogger(tmp, enabled=acc.is_main_process) as logger:
+            initial_val = evaluate_loss(model, val_batches, lm_loss, acc.device) if val_batches else None
+            result = fit(model, train, collate, cfg.train, loss_fn=lm_loss, val_batches=val_batches,
+                         logger=logger, accelerator=acc, desc="sft")
+        save_model(acc.unwrap_model(model), tok, tmp, lora_save=cfg.lora.save)
+        summary = {
+            "stage": "sft", "samples": len(train), "val_samples": len(val), "trainable_parameters": trainable,
+            "steps": result.steps, "initial_val_loss": initial_val,
+            "val_loss": result.val_losses[-1] if result.val_losses else None,
+            "best_val_loss": result.best_val_loss if result.val_losses else None,
+            "stopped_early": result.stopped_early, "tokens_per_sec": result.tokens_per_sec,
+            "seconds": result.seconds, "config": to_dict(cfg),
+        }
+        write_json_atomic(Path(tmp) / "stage.json", summary)
+    return summary

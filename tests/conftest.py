@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny model folders built from configs and saved with save_pretrained.
+
+Nothing is downloaded: each model is built from a config, saved to a folder, and then loaded back
+through the same `load_causal_lm` path a user's real model takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TEXTS = [
+    "What is 3 + 4? 3 + 4 = 7.", "The capital of France is Paris.", "A spider has 8 legs.",
+    "I can't help with that.", "Hello, Alice!", "List 3 fruits: apple, pear, plum.",
+] * 40
+
+
+def make_tokenizer(gpt2_like: bool = False):
+    """Our byte-level BPE; gpt2_like drops the pad token and chat template like a GPT-2 base folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf.models.tokenizer import train_tokenizer
+
+    if not gpt2_like:
+        return train_tokenizer(TEXTS, vocab_size=300, min_frequency=1)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def save_tiny_llama(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def save_tiny_gpt2(path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = make_tokenizer(gpt2_like=True)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def write_sft_file(path: Path, n: int = 96) -> Path:
+    """Arithmetic demonstrations: a pattern a 2-layer model can learn in a few dozen steps."""
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = i % 7, (i * 3) % 5
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}."}) + "\n")
+    return path
+
+
+@pytest.fixture()
+def sft_file(tmp_path) -> Path:
+    return write_sft_file(tmp_path / "sft.jsonl")

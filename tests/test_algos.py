@@ -1,0 +1,62 @@
+"""The pure maths: masked statistics, token log-probs against the model's own loss, the LR schedule."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf.algos.core import IGNORE_INDEX, causal_lm_loss, masked_mean, masked_sum, token_logprobs
+from rlhf.models.loading import load_causal_lm
+from rlhf.training import lr_factor
+
+
+def test_masked_mean_ignores_masked_positions():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(x, m).item() == pytest.approx(2.0)
+    assert masked_mean(x, m, dim=1).tolist() == pytest.approx([1.5, 3.0])
+    assert masked_sum(x, m).item() == pytest.approx(6.0)
+    assert masked_mean(x, torch.zeros_like(m)).item() == 0.0
+
+
+def _batch(tok):
+    ids = tok(["What is 3 + 4? 3 + 4 = 7.", "Hello, Alice!"], add_special_tokens=False)["input_ids"]
+    width = max(map(len, ids))
+    input_ids = torch.full((2, width), tok.pad_token_id)
+    labels = torch.full((2, width), IGNORE_INDEX)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, 3 : len(row)] = torch.tensor(row[3:])  # the first 3 tokens play the prompt
+        mask[i, : len(row)] = 1
+    return input_ids, labels, mask
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_gpt2"])
+def test_masked_logprob_sum_equals_model_loss(which, request):
+    model, tok = load_causal_lm(request.getfixturevalue(which))
+    input_ids, labels, mask = _batch(tok)
+    out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
+    logp = token_logprobs(out.logits, labels)  # (B, T-1)
+    n = (labels[:, 1:] != IGNORE_INDEX).sum()
+    assert (-logp.sum() / n).item() == pytest.approx(out.loss.item(), rel=1e-5)
+    ours, count = causal_lm_loss(out.logits, labels)
+    assert ours.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert count == n
+
+
+def test_token_logprobs_temperature_scales_logits():
+    logits = torch.randn(1, 4, 11)
+    labels = torch.randint(0, 11, (1, 4))
+    assert torch.allclose(token_logprobs(logits, labels, temperature=2.0), token_logprobs(logits / 2, labels))
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    total, warmup = 100, 10
+    f = [lr_factor(s, total, warmup, "cosine", 0.1) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after warmup
+    assert f[-1] == pytest.approx(0.1, abs=0.01)
+    assert lr_factor(50, total, 0, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(99, total, 10, "constant", 0.1) == 1.0
+    assert math.isclose(lr_factor(55, total, 10, "cosine", 0.0), 0.5, abs_tol=1e-9)
