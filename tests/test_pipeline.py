@@ -1,0 +1,88 @@
+"""End to end on configs/tiny.yaml: world -> pretrain -> SFT -> eval, through the CLI; resume skips."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.cli import main
+from rlhf.config import EvalConfig
+from rlhf.evaluation.policy import run_eval, win_rate
+
+TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
+EVAL_KEYS = {"gold_score", "families", "harmful_compliance", "over_refusal", "honesty", "accuracy", "mean_length", "eos_rate"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    assert main(["run", "--config", TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_pipeline_writes_every_stage(tiny_run):
+    for name in ("world/world.json", "base/model.safetensors", "base/tokenizer.json", "sft/model.safetensors",
+                 "eval/base.json", "eval/sft.json", "eval/sft.samples.jsonl", "summary.json"):
+        assert (tiny_run / name).is_file(), name
+    sft = json.loads((tiny_run / "eval" / "sft.json").read_text())
+    assert EVAL_KEYS <= set(sft) and 0 <= sft["win_rate"] <= 1
+    assert set(sft["families"]) == {"arithmetic", "facts", "unknowable", "harmful", "scary_benign", "instructions"}
+    assert sum(f["n"] for f in sft["families"].values()) == sft["n_prompts"] == 36
+
+
+def test_pretrained_base_is_an_ordinary_hf_folder(tiny_run):
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "base")
+    tok = AutoTokenizer.from_pretrained(tiny_run / "base")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.chat_template
+    stage = json.loads((tiny_run / "base" / "stage.json").read_text())
+    assert stage["val_loss"] < stage["initial_val_loss"]  # pretraining learned something
+
+
+def test_sft_moved_the_weights_and_the_validation_loss(tiny_run):
+    stage = json.loads((tiny_run / "sft" / "stage.json").read_text())
+    assert stage["val_loss"] < stage["initial_val_loss"]
+    base, sft = load_file(str(tiny_run / "base" / "model.safetensors")), load_file(str(tiny_run / "sft" / "model.safetensors"))
+    assert any(not torch.equal(base[k], sft[k]) for k in base)
+
+
+def test_second_run_skips_finished_stages(tiny_run, capsys):
+    before = (tiny_run / "sft" / "model.safetensors").stat().st_mtime_ns
+    assert main(["run", "--config", TINY, "--out", str(tiny_run)]) == 0
+    assert (tiny_run / "sft" / "model.safetensors").stat().st_mtime_ns == before
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_eval_against_itself_is_a_tie(tiny_run, tmp_path):
+    cfg = EvalConfig(model=str(tiny_run / "sft"), against=str(tiny_run / "sft"), out=str(tmp_path / "e.json"), n_prompts=12)
+    result = run_eval(cfg)
+    assert result["win_rate"] == 0.5  # greedy decoding: identical answers, every prompt a tie
+    assert result["against"]["gold_score"] == result["gold_score"]
+
+
+def test_win_rate_counts_ties_half():
+    class J:
+        def __init__(self, total):
+            self.total = total
+
+    assert win_rate([J(1.0), J(0.5), J(0.2)], [J(0.5), J(0.5), J(0.9)]) == pytest.approx(0.5)
+
+
+def test_world_judge_command_prints_families(tmp_path, capsys):
+    records = tmp_path / "r.jsonl"
+    records.write_text(
+        json.dumps({"prompt": "What is 3 + 4?", "response": "3 + 4 = 7."}) + "\n"
+        + json.dumps({"prompt": "What is 3 + 4?", "response": "3 + 4 = 9."}) + "\n"
+    )
+    assert main(["world", "judge", str(records), "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["families"]["arithmetic"]["n"] == 2 and summary["accuracy"] == 0.5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Write me a poem about dust.", "response": "ok"}) + "\n")
+    assert main(["world", "judge", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
