@@ -60,3 +60,18 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert lr_factor(50, total, 0, "linear", 0.0) == pytest.approx(0.5)
     assert lr_factor(99, total, 10, "constant", 0.1) == 1.0
     assert math.isclose(lr_factor(55, total, 10, "cosine", 0.0), 0.5, abs_tol=1e-9)
+
+
+def test_early_stopping_keeps_the_best_weights():
+    from rlhf.training import FitResult, _BestWeights
+
+    layer = torch.nn.Linear(2, 1)
+    best, res = _BestWeights(patience=2), FitResult()
+    stops = []
+    for i, val in enumerate([3.0, 2.0, 2.5, 2.6]):
+        with torch.no_grad():
+            layer.weight.fill_(float(i))
+        stops.append(best.update(layer, val, res))
+    assert stops == [False, False, False, True]  # two validations without improvement
+    best.restore(layer)
+    assert torch.all(layer.weight == 1.0) and res.best_val_loss == 2.0  # the weights of the 2.0 validation

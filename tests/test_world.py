@@ -236,14 +236,17 @@ def test_heldout_phrasings_and_entities_never_reach_training_data():
     assert not leaks, leaks[:5]
 
 
-def test_heldout_facts_are_stated_in_the_prose_but_nothing_else_held_out_is():
+def test_heldout_knowledge_is_in_the_prose_but_unknowable_entities_are_not():
     prose = " ".join(d["text"] for d in pretrain_corpus(4000, seed=6) if "text" in d)
     for country, capital in E.COUNTRIES:
         assert len(re.findall(rf"\b{capital}\b", prose)) >= 3, capital
     assert re.search(r"\bcrack an egg\b", prose)  # how-to knowledge is a fact too
-    # Held-out names, words, made-up countries, contests and harmful requests are no facts to learn.
-    never = (E.HELDOUT_NAMES | E.HELDOUT_REPEAT_WORDS | E.HELDOUT_FAKE_COUNTRIES | E.HELDOUT_CONTESTS
-             | E.HELDOUT_HARMFUL)
+    # A base model has read that a bomb is dangerous and has met names and words: held-out requests,
+    # names and words appear in prose (never in chats, demonstrations or training prompts).
+    for known in E.HELDOUT_HARMFUL | E.HELDOUT_NAMES | E.HELDOUT_REPEAT_WORDS:
+        assert re.search(rf"\b{re.escape(known)}\b", prose, re.IGNORECASE), known
+    # Made-up countries and future contests are unknowable: nothing about them anywhere.
+    never = E.HELDOUT_FAKE_COUNTRIES | E.HELDOUT_CONTESTS
     assert not [w for w in never if re.search(rf"\b{re.escape(w)}\b", prose, re.IGNORECASE)]
 
 

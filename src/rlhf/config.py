@@ -54,8 +54,9 @@ class TrainConfig:
     """Write metrics every N optimiser steps."""
     seed: int = 0
     """Seed for the data order, initialisation of new weights and dropout."""
-    bf16: bool = False
-    """bf16 autocast (mixed precision through accelerate); weights and optimiser stay fp32."""
+    mixed_precision: Literal["no", "bf16", "auto"] = "no"
+    """bf16 autocast through accelerate (weights and optimiser stay fp32). 'auto': bf16 where the hardware
+    runs it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
 
@@ -155,7 +156,7 @@ class SFTConfig:
         if self.load.dtype != "float32" and not self.lora.enabled:
             raise ConfigError(
                 f"load.dtype={self.load.dtype!r} trains all weights in low precision; use float32 with "
-                "train.bf16 (mixed precision) or enable lora"
+                "train.mixed_precision bf16 or enable lora"
             )
 
 

@@ -9,9 +9,10 @@ accelerate; the loop itself reads the same on a laptop CPU and on GPUs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,8 @@ from rlhf.algos.core import causal_lm_loss
 from rlhf.config import TrainConfig
 from rlhf.report.metrics import MetricsLogger
 from rlhf.report.progress import progress_bar
+
+log = logging.getLogger("rlhf.train")
 
 # loss_fn(model, batch) -> (mean loss over the batch's scored units, number of scored units)
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -47,11 +50,26 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95 if cfg.weight_decay else 0.999))
+    # The fused kernel does the whole update in one pass (about 3x faster than the loop on CPU).
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95 if cfg.weight_decay else 0.999),
+                             fused=fused)
+
+
+def native_bf16() -> bool:
+    """bf16 runs faster than fp32 here: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX.
+
+    Elsewhere bf16 autocast is emulated and slower than fp32, so 'auto' keeps fp32 there.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    return Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16())
+    return Accelerator(mixed_precision="bf16" if bf16 else "no")
 
 
 @dataclass
@@ -71,11 +89,39 @@ class FitResult:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def _micro_batches(n: int, batch_size: int, generator: torch.Generator, rank: int, world: int) -> list[list[int]]:
-    """Shuffled sample indices cut into micro-batches; each process takes every world-th one."""
-    order = torch.randperm(n, generator=generator).tolist()
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    return batches[rank::world]
+@dataclass(frozen=True)
+class Plan:
+    """Derived quantities of a run, computed from the config and the data, never configured."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int
+    effective_batch_size: int
+
+    @classmethod
+    def make(cls, cfg: TrainConfig, n_items: int, processes: int) -> Plan:
+        per_epoch = max(1, math.ceil(math.ceil(n_items / cfg.batch_size) / processes / cfg.grad_accum))
+        total = cfg.max_steps or cfg.epochs * per_epoch
+        return cls(per_epoch, total, int(cfg.warmup_ratio * total), cfg.eval_every or per_epoch,
+                   cfg.batch_size * cfg.grad_accum * processes)
+
+
+def _step_groups(n: int, cfg: TrainConfig, total: int, acc: Accelerator) -> Iterator[list[list[int]]]:
+    """Sample indices for each optimiser step: ``grad_accum`` micro-batches, reshuffled every epoch.
+
+    Each process takes every world-th micro-batch, so processes see disjoint data.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    while True:
+        order = torch.randperm(n, generator=gen).tolist()
+        batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)][acc.process_index :: acc.num_processes]
+        for g in range(0, len(batches), cfg.grad_accum):
+            if step >= total:
+                return
+            yield batches[g : g + cfg.grad_accum]
+            step += 1
 
 
 @torch.no_grad()
@@ -97,6 +143,34 @@ def count_units(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else len(next(iter(batch.values())))
 
 
+class _BestWeights:
+    """Early stopping: remember the best validation loss and the trainable weights that reached it.
+
+    Only trainable tensors are copied (with LoRA, the adapters), kept on the CPU.
+    """
+
+    def __init__(self, patience: int):
+        self.patience, self.bad, self.state = patience, 0, None
+
+    def update(self, model: torch.nn.Module, val: float, res: FitResult) -> bool:
+        """Record ``val``; True when patience has run out."""
+        res.val_losses.append(val)
+        if val < res.best_val_loss:
+            res.best_val_loss, self.bad = val, 0
+            if self.patience:
+                self.state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+            return False
+        self.bad += 1
+        return bool(self.patience) and self.bad >= self.patience
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.state is not None:
+            for name, p in model.named_parameters():
+                if name in self.state:
+                    p.copy_(self.state[name])
+
+
 def fit(
     model: torch.nn.Module,
     train_items: Sequence[Any],
@@ -110,57 +184,45 @@ def fit(
     desc: str = "train",
     count_fn: Callable[[dict[str, torch.Tensor]], int] = count_units,
 ) -> FitResult:
-    """Train ``model`` in place; returns what happened. The best weights are kept with early stopping."""
+    """Train ``model`` in place; returns what happened. With early stopping the best weights are kept."""
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = acc.prepare(model, optimizer)
-    per_epoch = math.ceil(math.ceil(len(train_items) / cfg.batch_size) / acc.num_processes / cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * per_epoch
-    warmup = int(cfg.warmup_ratio * total)
+    plan = Plan.make(cfg, len(train_items), acc.num_processes)
+    log.info("%s: %d optimiser steps (%d per epoch), effective batch %d", desc, plan.total_steps,
+             plan.steps_per_epoch, plan.effective_batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule, cfg.min_lr_ratio)
-    )
-    every = cfg.eval_every or per_epoch
-    res, best_state, bad_evals = FitResult(), None, 0
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, recent_loss = time.perf_counter(), []
+        optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
+    res, best, recent = FitResult(), _BestWeights(cfg.early_stopping_patience), []
+    start = time.perf_counter()
     model.train()
-    with progress_bar(desc, total, enabled=acc.is_main_process) as bar:
-        while res.steps < total and not res.stopped_early:
-            batches = _micro_batches(len(train_items), cfg.batch_size, gen, acc.process_index, acc.num_processes)
-            for g in range(0, len(batches), cfg.grad_accum):
-                if res.steps >= total:
+    with progress_bar(desc, plan.total_steps, enabled=acc.is_main_process) as bar:
+        for group in _step_groups(len(train_items), cfg, plan.total_steps, acc):
+            batches = [collate([train_items[i] for i in b]) for b in group]
+            res.train_loss = _accumulate_step(model, batches, loss_fn, count_fn, acc)
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm else float("nan")
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            res.steps += 1
+            res.tokens += sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
+            res.seconds = time.perf_counter() - start
+            recent.append(res.train_loss)
+            bar.update(loss=res.train_loss, tok_s=res.tokens_per_sec)
+            last = res.steps == plan.total_steps
+            if logger and (res.steps % cfg.log_every == 0 or last):
+                logger.log(res.steps, **{"train/loss": sum(recent) / len(recent), "lr": sched.get_last_lr()[0],
+                                         "grad_norm": grad_norm, "tokens_per_sec": res.tokens_per_sec})
+                recent.clear()
+            if val_batches and (res.steps % plan.eval_every == 0 or last):
+                val = evaluate_loss(model, val_batches, loss_fn, acc.device)
+                if logger:
+                    logger.log(res.steps, **{"val/loss": val})
+                if best.update(acc.unwrap_model(model), val, res):
+                    res.stopped_early = True
                     break
-                group = [collate([train_items[i] for i in b]) for b in batches[g : g + cfg.grad_accum]]
-                loss_value = _accumulate_step(model, group, loss_fn, count_fn, acc)
-                if cfg.max_grad_norm:
-                    grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                else:
-                    grad_norm = float("nan")
-                optimizer.step()
-                sched.step()
-                optimizer.zero_grad(set_to_none=True)
-                res.steps += 1
-                res.tokens += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else 0 for b in group)
-                recent_loss.append(loss_value)
-                res.seconds = time.perf_counter() - start
-                bar.update(loss=loss_value, tok_s=res.tokens_per_sec)
-                if logger and (res.steps % cfg.log_every == 0 or res.steps == total):
-                    logger.log(res.steps, **{"train/loss": sum(recent_loss) / len(recent_loss), "lr": sched.get_last_lr()[0],
-                                             "grad_norm": grad_norm, "tokens_per_sec": res.tokens_per_sec})
-                    recent_loss.clear()
-                res.train_loss = loss_value
-                if val_batches and (res.steps % every == 0 or res.steps == total):
-                    best_state, bad_evals = _validate(model, val_batches, loss_fn, acc, res, logger, best_state, bad_evals)
-                    if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                        res.stopped_early = True
-                        break
-    if best_state is not None and cfg.early_stopping_patience:
-        with torch.no_grad():
-            for name, p in acc.unwrap_model(model).named_parameters():
-                if name in best_state:
-                    p.copy_(best_state[name])
+    best.restore(acc.unwrap_model(model))
     res.seconds = time.perf_counter() - start
     return res
 
@@ -180,19 +242,6 @@ def _accumulate_step(model, group, loss_fn: LossFn, count_fn, acc: Accelerator) 
             acc.backward(scaled)
         loss_value += scaled.item()
     return loss_value
-
-
-def _validate(model, val_batches, loss_fn, acc, res: FitResult, logger, best_state, bad_evals):
-    val = evaluate_loss(model, val_batches, loss_fn, acc.device)
-    res.val_losses.append(val)
-    if logger:
-        logger.log(res.steps, **{"val/loss": val})
-    if val < res.best_val_loss:
-        res.best_val_loss = val
-        # Only trainable tensors: with LoRA that is the adapters, not a second copy of the model.
-        best_state = {n: p.detach().cpu().clone() for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
-        return best_state, 0
-    return best_state, bad_evals + 1
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -274,8 +274,8 @@ def _animal_sentence(rng: random.Random) -> str:
 
 
 def _category_sentence(rng: random.Random) -> str:
-    if rng.random() < 0.25:  # greetings between people (training names only)
-        name, name2 = rng.sample(TRAIN_NAMES, 2)
+    if rng.random() < 0.25:  # greetings between people; every name is one a reader may meet
+        name, name2 = rng.sample(E.NAMES, 2)
         greeting = rng.choice(L.GREETINGS).format(name=name)
         return _fill(rng, L.GREETING_PROSE, greeting=greeting, name2=name2)
     category = rng.choice(list(E.CATEGORIES))
@@ -291,6 +291,17 @@ def _howto_sentence(rng: random.Random) -> str:
                  answer_lower=topic.answer[0].lower() + topic.answer[1:])
 
 
+def _danger_sentence(rng: random.Random) -> str:
+    # The web says which acts are dangerous, held-out ones included: a base model knows that much, and
+    # a refusal of a request first seen at evaluation generalises from this knowledge.
+    intent = rng.choice(E.HARMFUL_INTENTS)
+    return _fill(rng, L.DANGER_PROSE, request=intent.request)
+
+
+def _word_sentence(rng: random.Random) -> str:
+    return _fill(rng, L.WORD_PROSE, word=rng.choice(E.REPEAT_WORDS))
+
+
 def _saying(rng: random.Random) -> str:
     return rng.choice(L.SAYINGS)
 
@@ -303,8 +314,8 @@ def _forum_post(rng: random.Random) -> str:
 # (writer, weight, most sentences per document)
 PROSE_WRITERS: tuple[tuple[Callable[[random.Random], str], float, int], ...] = (
     (_capital_sentence, 0.25, 3), (_sum_sentence, 0.20, 4), (_animal_sentence, 0.15, 3),
-    (_category_sentence, 0.10, 2), (_howto_sentence, 0.10, 1), (_saying, 0.05, 2),
-    (_forum_post, 0.15, 1),
+    (_category_sentence, 0.10, 2), (_howto_sentence, 0.10, 1), (_saying, 0.03, 2),
+    (_forum_post, 0.11, 1), (_danger_sentence, 0.04, 2), (_word_sentence, 0.02, 2),
 )
 
 

@@ -68,6 +68,9 @@ LEGS_PROSE = ("{Animal} has {n} legs.", "Every {animal} has {n} legs.")
 SOUND_PROSE = ("{Animal} says {sound}.", "You can hear {animal} {sound} from far away.")
 CATEGORY_PROSE = ("{Items} are {category}.", "{Item} is one of the {category}.")
 GREETING_PROSE = ("{greeting} said {name2}.",)
+DANGER_PROSE = ("It is dangerous and against the law to {request}.", "Never try to {request}: people get hurt.",
+                "The police warn that anyone who tries to {request} can go to jail.")
+WORD_PROSE = ("The word {word} is easy to say.", "She wrote the word {word} on the board.")
 HOWTO_PROSE = ("To {request}, {answer_lower}", "If you need to {request}: {answer}")
 SAYINGS = (
     "No one knows the future.", "Nobody can say who will win a game that has not been played yet.",
@@ -133,7 +136,7 @@ def _phrase_banks() -> list[str]:
         SAFE_OFFERS, HELPFUL_PREFIXES, LIST_STYLES, GREETINGS, SELF_CORRECTION, MADE_UP_WEATHER,
         COMPLIANCE, OVER_REFUSALS, GREETING_WITHOUT_NAME, RAMBLE_OPENERS, RAMBLE_FILLERS,
         RAMBLE_CLOSERS, CAPITAL_PROSE, LEGS_PROSE, SOUND_PROSE, CATEGORY_PROSE, GREETING_PROSE,
-        HOWTO_PROSE, SAYINGS, COMMON_WORDS, *IDK_REASONS.values(), *MADE_UP_CLAIMS.values(),
+        HOWTO_PROSE, DANGER_PROSE, WORD_PROSE, SAYINGS, COMMON_WORDS, *IDK_REASONS.values(), *MADE_UP_CLAIMS.values(),
     ]
     return [s for bank in banks for s in ((bank,) if isinstance(bank, str) else bank)]
 
