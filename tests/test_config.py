@@ -81,3 +81,6 @@ def test_field_docstrings_are_the_help_text():
     help_text = parser.format_help()
     assert "--train.grad_accum" in help_text and "Micro-batches accumulated" in help_text
     assert "--lora.target_modules" in help_text and "--no-lora.enabled" in help_text
+    # The stage's own defaults are shown (SFT trains 3 epochs by default, the bare TrainConfig 1).
+    epochs = next(a for a in parser._actions if a.dest == "train.epochs")
+    assert epochs.help.endswith("[int; default: 3]")

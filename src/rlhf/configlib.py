@@ -201,17 +201,22 @@ def _flag_value(text: str) -> Any:
         return text
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add one ``--group.field`` flag per leaf field of ``cls``; defaults stay out of the namespace."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", defaults: Any = None) -> None:
+    """Add one ``--group.field`` flag per leaf field of ``cls``; defaults stay out of the namespace.
+
+    The help shows the defaults of ``defaults`` (an instance; by default ``cls()``), so a group's
+    help reads the stage's own defaults (SFT's 3 epochs), not those of the group's class.
+    """
     docs = field_docs(cls)
     hints = _hints(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         tp = _strip_optional(hints[f.name])
         name = f"{prefix}{f.name}"
+        default = getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
-            add_arguments(parser, tp, prefix=f"{name}.")
+            add_arguments(parser, tp, prefix=f"{name}.", defaults=default)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{docs.get(f.name, '')} [{_type_name(hints[f.name])}; default: {default!r}]"
         help_text = help_text.replace("%", "%%")
         if tp is bool:
