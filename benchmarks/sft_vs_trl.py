@@ -112,12 +112,6 @@ def rows_from_file(path: str, n: int, seed: int) -> list[dict]:
             for ex in examples]
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
 def build_model_dir(size: str, rows: list[dict], folder: Path, seed: int) -> int:
     """A tiny LlamaForCausalLM plus our tokenizer, saved as an ordinary HF folder; returns the parameter count."""
     import torch
@@ -215,9 +209,11 @@ def worker_trl(a: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from rlhf.data.io import read_jsonl
+
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
-    rows = [json.loads(line) for line in Path(a.rows).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(a.rows)
     dataset = Dataset.from_list([rows[i] for i in _sample_order(len(rows), a.seed)])  # fit's order, read sequentially
     with tempfile.TemporaryDirectory() as out_dir:
         args = SFTConfig(
@@ -379,7 +375,9 @@ def main(argv=None) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="sft_vs_trl_") as tmp_name:
         tmp = Path(tmp_name)
-        write_jsonl(rows, tmp / "sft.jsonl")
+        from rlhf.data.io import write_jsonl_atomic
+
+        write_jsonl_atomic(tmp / "sft.jsonl", rows)
         for size in sizes:
             res = bench_size(size, rows, a, tmp)
             if res["longest_sample"] > a.max_length:

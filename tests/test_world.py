@@ -28,6 +28,7 @@ from rlhf.world import (
     summarise,
     write_world,
 )
+from rlhf.data.io import read_jsonl
 from rlhf.world import entities as E
 from rlhf.world.tasks import KINDS, iter_tasks
 
@@ -301,26 +302,21 @@ def test_corpora_are_deterministic_for_a_seed():
     assert prompt_set("heldout", 50, seed=1) == prompt_set("heldout", 50, seed=1)
 
 
-def _read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def test_write_world_writes_every_file_atomically_and_reproducibly(tmp_path):
     sizes = dict(n_pretrain=300, n_sft=30, n_sft_val=30, n_prompts_train=30, n_prompts_heldout=18)
     paths = write_world(tmp_path / "a", seed=1, **sizes)
     assert set(paths) == {"pretrain", "sft_train", "sft_val", "prompts_train", "prompts_heldout", "world"}
     for name in ("pretrain", "sft_train", "sft_val", "prompts_train", "prompts_heldout"):
-        assert len(_read_jsonl(paths[name])) == sizes["n_" + name.replace("sft_train", "sft")]
+        assert len(read_jsonl(paths[name])) == sizes["n_" + name.replace("sft_train", "sft")]
     assert sorted(os.listdir(tmp_path / "a")) == sorted(os.path.basename(p) for p in paths.values())
     world = json.loads(open(paths["world"]).read())
     assert world["seed"] == 1 and world["counts"]["pretrain"] == 300
-    assert all(task_for(r["prompt"]).split == "heldout" for r in _read_jsonl(paths["prompts_heldout"]))
-    assert _read_jsonl(paths["sft_val"]) != _read_jsonl(paths["sft_train"])  # its own seed stream
+    assert all(task_for(r["prompt"]).split == "heldout" for r in read_jsonl(paths["prompts_heldout"]))
+    assert read_jsonl(paths["sft_val"]) != read_jsonl(paths["sft_train"])  # its own seed stream
     again = write_world(tmp_path / "b", seed=1, **{**sizes, "n_pretrain": 500})
     for name in ("sft_train", "sft_val", "prompts_train", "prompts_heldout"):
         assert open(paths[name]).read() == open(again[name]).read(), name
-    assert _read_jsonl(again["pretrain"])[:300] == _read_jsonl(paths["pretrain"])
+    assert read_jsonl(again["pretrain"])[:300] == read_jsonl(paths["pretrain"])
 
 
 # --- Annotators ---------------------------------------------------------------------------------------

@@ -50,3 +50,9 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def stage_done(out: str | Path) -> dict | None:
+    """The summary of a finished stage folder (its stage.json), or None when it has not finished."""
+    p = Path(out) / "stage.json"
+    return json.loads(p.read_text()) if p.is_file() else None

@@ -19,8 +19,8 @@ from rich.table import Table
 from rlhf.config import RunConfig
 from rlhf.configlib import to_dict
 from rlhf.evaluation.policy import run_eval
-from rlhf.fsutil import atomic_dir, write_json_atomic
-from rlhf.stages.pretrain import run_pretrain, stage_done
+from rlhf.fsutil import atomic_dir, stage_done, write_json_atomic
+from rlhf.stages.pretrain import run_pretrain
 from rlhf.stages.sft import run_sft
 from rlhf.world import write_world
 

@@ -8,7 +8,6 @@ requests), which is what the later stages have to fix.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -105,9 +104,3 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         }
         write_json_atomic(tmp / "stage.json", summary)
     return summary
-
-
-def stage_done(out: str | Path) -> dict | None:
-    """The summary of a finished stage folder, or None when it has not finished."""
-    p = Path(out) / "stage.json"
-    return json.loads(p.read_text()) if p.is_file() else None

@@ -14,13 +14,13 @@ Everything is drawn from explicit `random.Random` streams, one per artefact.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
+from rlhf.data.io import write_jsonl_atomic
+from rlhf.fsutil import write_json_atomic
 from rlhf.world import entities as E
 from rlhf.world import language as L
 from rlhf.world.judge import IDEAL_WORDS, WEIGHTS
@@ -369,23 +369,6 @@ def prompt_set(split: str, n: int, seed: int) -> list[dict]:
 # Writing the world to disk
 # ---------------------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _jsonl(records: Iterable[dict]) -> Iterable[str]:
-    return (json.dumps(r, ensure_ascii=False) for r in records)
-
-
 def _world_summary(seed: int, counts: dict[str, int], files: dict[str, str]) -> dict:
     return {
         "seed": seed, "counts": counts, "files": files, "families": list(FAMILIES),
@@ -414,10 +397,10 @@ def write_world(out_dir: str | os.PathLike, *, seed: int = 0, n_pretrain: int = 
     paths: dict[str, str] = {}
     for name, (count, build) in artefacts.items():
         path = out / f"{name}.jsonl"
-        _write_atomic(path, _jsonl(build(count)))
+        write_jsonl_atomic(path, build(count))
         paths[name] = str(path)
     counts = {name: count for name, (count, _) in artefacts.items()}
     summary = _world_summary(seed, counts, {k: Path(v).name for k, v in paths.items()})
-    _write_atomic(out / "world.json", [json.dumps(summary, indent=2)])
+    write_json_atomic(out / "world.json", summary)
     paths["world"] = str(out / "world.json")
     return paths
