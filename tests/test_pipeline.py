@@ -1,4 +1,4 @@
-"""End to end on configs/tiny.yaml: world -> pretrain -> SFT -> eval, through the CLI; resume skips."""
+"""End to end on configs/tiny.yaml: world -> pretrain -> SFT -> collect -> RM -> eval, through the CLI; resume skips."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.cli import main
 from rlhf.config import EvalConfig
@@ -25,8 +25,14 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_pipeline_writes_every_stage(tiny_run):
     for name in ("world/world.json", "base/model.safetensors", "base/tokenizer.json", "sft/model.safetensors",
-                 "eval/base.json", "eval/sft.json", "eval/sft.samples.jsonl", "summary.json"):
+                 "prefs/train.jsonl", "prefs/train.stats.json", "prefs/heldout.jsonl", "rm/model.safetensors",
+                 "eval/rm.json", "eval/base.json", "eval/sft.json", "eval/sft.samples.jsonl", "summary.json"):
         assert (tiny_run / name).is_file(), name
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert set(summary["stages"]) == {"base", "sft"} and summary["stages"]["sft"]["win_rate"] == \
+        json.loads((tiny_run / "eval" / "sft.json").read_text())["win_rate"]
+    assert {"accuracy", "gold_accuracy", "per_family", "ece", "length_correlation", "annotators"} <= set(summary["rm"])
+    assert {"pretrain", "sft", "collect", "rm", "eval rm", "eval sft"} <= set(summary["time_seconds"])
     sft = json.loads((tiny_run / "eval" / "sft.json").read_text())
     assert EVAL_KEYS <= set(sft) and 0 <= sft["win_rate"] <= 1
     assert set(sft["families"]) == {"arithmetic", "facts", "unknowable", "harmful", "scary_benign", "instructions"}
@@ -41,6 +47,16 @@ def test_pretrained_base_is_an_ordinary_hf_folder(tiny_run):
     assert tok.chat_template
     stage = json.loads((tiny_run / "base" / "stage.json").read_text())
     assert stage["val_loss"] < stage["initial_val_loss"]  # pretraining learned something
+
+
+def test_reward_model_is_trained_on_sft_samples_without_the_random_clicker(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "prefs" / "train.jsonl").read_text().splitlines()]
+    assert {r["annotator"] for r in rows} == {"careful", "average", "length_lover", "random_clicker"}
+    stage = json.loads((tiny_run / "rm" / "stage.json").read_text())
+    assert stage["dropped_annotators"] == ["random_clicker"]
+    assert stage["pairs"] + stage["val_pairs"] < len(rows)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_run / "rm")
+    assert rm.config.num_labels == 1 and rm.config.reward_std > 0
 
 
 def test_sft_moved_the_weights_and_the_validation_loss(tiny_run):

@@ -1,4 +1,4 @@
-"""`rlhf <command>`: world, pretrain, sft, eval, run.
+"""`rlhf <command>`: world, pretrain, sft, collect, rm, eval, eval-rm, run.
 
 Every training command takes ``--config FILE`` (a stage YAML, or a pipeline YAML whose section for
 the stage is used) and per-field overrides such as ``--train.lr 3e-4``. ``rlhf COMMAND --help``
@@ -14,7 +14,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from rlhf.config import EvalConfig, PretrainConfig, RunConfig, SFTConfig, WorldConfig
+from rlhf.config import (
+    CollectConfig,
+    EvalConfig,
+    EvalRMConfig,
+    PretrainConfig,
+    RewardConfig,
+    RunConfig,
+    SFTConfig,
+    WorldConfig,
+)
 from rlhf.configlib import ConfigError, add_arguments, build_config
 
 
@@ -82,6 +91,24 @@ def _cmd_sft(ns: argparse.Namespace) -> None:
     _print_result(run_sft(build_config(SFTConfig, ns, section="sft", whole=RunConfig)))
 
 
+def _cmd_collect(ns: argparse.Namespace) -> None:
+    from rlhf.stages.collect import run_collect
+
+    _print_result(run_collect(build_config(CollectConfig, ns, section="collect", whole=RunConfig)))
+
+
+def _cmd_rm(ns: argparse.Namespace) -> None:
+    from rlhf.stages.reward import run_rm
+
+    _print_result(run_rm(build_config(RewardConfig, ns, section="rm", whole=RunConfig)))
+
+
+def _cmd_eval_rm(ns: argparse.Namespace) -> None:
+    from rlhf.evaluation.reward import run_eval_rm
+
+    _print_result(run_eval_rm(build_config(EvalRMConfig, ns)))
+
+
 def _cmd_eval(ns: argparse.Namespace) -> None:
     from rlhf.evaluation.policy import run_eval
 
@@ -108,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
          WorldConfig, _cmd_world),
         ("pretrain", "train the tokenizer and the tiny base model on a corpus", PretrainConfig, _cmd_pretrain),
         ("sft", "supervised fine-tuning of a causal LM folder", SFTConfig, _cmd_sft),
+        ("collect", "sample K responses per prompt from a policy and label the pairs with simulated annotators",
+         CollectConfig, _cmd_collect),
+        ("rm", "train a reward model (or an ensemble) on preference pairs", RewardConfig, _cmd_rm),
         ("eval", "generate on held-out prompts and score with the gold judge", EvalConfig, _cmd_eval),
-        ("run", "the whole pipeline: world -> pretrain -> SFT -> eval", RunConfig, _cmd_run),
+        ("eval-rm", "evaluate a reward model on preference pairs: accuracy, gold accuracy, calibration, length bias, "
+         "annotator agreement", EvalRMConfig, _cmd_eval_rm),
+        ("run", "the whole pipeline: world -> pretrain -> SFT -> collect -> RM -> eval", RunConfig, _cmd_run),
     ]
     for name, help_text, cls, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text,

@@ -279,12 +279,135 @@ class EvalConfig:
 
 
 @dataclass
+class CollectConfig:
+    """Preference data from a policy: K sampled responses per prompt, paired, labelled by simulated annotators."""
+
+    policy: str | None = None
+    """Policy folder that writes the responses (by default the SFT model)."""
+    prompts: str | None = None
+    """Prompt file (JSONL with 'prompt'); the simulated annotators know assistant-world prompts only."""
+    out: str | None = None
+    """Output preference JSONL: prompt, chosen, rejected, margin, annotator, plus gold fields for evaluation."""
+    n_prompts: int | None = None
+    """Use the first N prompts of the file (null: all)."""
+    k: int = 4
+    """Responses sampled per prompt; every distinct pair of them is labelled (K(K-1)/2 pairs)."""
+    annotators: list[str] = field(default_factory=lambda: ["careful", "average", "length_lover", "random_clicker"])
+    """Simulated annotators (careful, average, length_lover, random_clicker); each pair goes to one at random."""
+    overlap: float = 0.2
+    """Share of pairs labelled by every annotator, so that agreement (kappa, alpha) can be measured."""
+    seed: int = 0
+    """Seed for sampling, annotator assignment and label noise."""
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=48, batch_size=128)
+    )
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+    def validate(self) -> None:
+        if self.k < 2:
+            raise ConfigError(f"collect.k: need at least 2 responses per prompt to form a pair, got {self.k}")
+        if not 0 <= self.overlap <= 1:
+            raise ConfigError(f"collect.overlap: must be in [0, 1], got {self.overlap}")
+        if not self.annotators:
+            raise ConfigError("collect.annotators: name at least one annotator")
+
+
+@dataclass
+class RewardLossConfig:
+    """The pairwise loss: Bradley-Terry plus optional margin and centering terms."""
+
+    margin_weight: float = 0.0
+    """Weight of the hinge term relu(margin - (r_chosen - r_rejected)) added to -logsigmoid(r_chosen - r_rejected) (0: off)."""
+    margin: float = 1.0
+    """Margin of the hinge term when the data carries none (or use_data_margin is off)."""
+    use_data_margin: bool = False
+    """Use each pair's 'margin' field (how strongly chosen was preferred) in the hinge term where present."""
+    center_coef: float = 0.0
+    """Reward centering (Eisenstein et al. 2023): coef * (r_chosen + r_rejected)^2 keeps rewards near 0."""
+
+    def validate(self) -> None:
+        if self.margin_weight < 0 or self.center_coef < 0:
+            raise ConfigError("loss.margin_weight and loss.center_coef must be >= 0")
+
+
+@dataclass
+class RewardNormConfig:
+    """Reward normalisation: the mean and std of the reward on policy samples, stored in the model config."""
+
+    policy: str | None = None
+    """Sample fresh responses from this policy folder; null: use the responses in the training data
+    (which are policy samples when the data came from `rlhf collect`)."""
+    prompts: str | None = None
+    """Prompt file for the fresh samples (needed with policy)."""
+    n: int = 512
+    """Responses scored for the statistics."""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(do_sample=True, batch_size=128))
+
+
+@dataclass
+class RewardConfig:
+    """Stage 2: a reward model (or an ensemble of them) trained on preference pairs."""
+
+    model: str | None = None
+    """Backbone folder: any causal LM (by default the SFT model) or an encoder such as BERT."""
+    out: str | None = None
+    """Output folder: an AutoModelForSequenceClassification folder (num_labels=1), or member_*/ folders
+    and ensemble.json for an ensemble."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.05))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-5, batch_size=16))
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    exclude_annotators: list[str] = field(default_factory=list)
+    """Drop the labels of these annotators (the 'annotator' field) before training."""
+    drop_flagged_annotators: bool = False
+    """Drop the labels of annotators whose mean Cohen's kappa with the others on shared pairs is below 0.2
+    ("slight" agreement: what random clicking gets), measured on the training file."""
+    ensemble: int = 1
+    """Members to train; each gets its own seed (train.seed + i) and, with bootstrap, its own resample."""
+    bootstrap: bool = True
+    """Train each ensemble member on a bootstrap resample of the training pairs (ensemble > 1 only)."""
+    normalize: RewardNormConfig = field(default_factory=RewardNormConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+    def validate(self) -> None:
+        if self.ensemble < 1:
+            raise ConfigError(f"ensemble: must be >= 1, got {self.ensemble}")
+        if self.data.truncation == "right":
+            raise ConfigError("data.truncation: the reward is read at the last token, so the end must be kept; "
+                              "use 'left' or 'error'")
+        if self.load.dtype != "float32" and not self.lora.enabled:
+            raise ConfigError(f"load.dtype={self.load.dtype!r} trains all weights in low precision; use float32 "
+                              "with train.mixed_precision bf16 or enable lora")
+        if self.normalize.policy and not self.normalize.prompts:
+            raise ConfigError("normalize.policy needs normalize.prompts (the prompts to sample responses for)")
+
+
+@dataclass
+class EvalRMConfig:
+    """Reward-model evaluation on a preference file: accuracy, gold accuracy, calibration, length bias, agreement."""
+
+    model: str | None = None
+    """Reward model folder (one model or an ensemble folder)."""
+    data: str | None = None
+    """Preference file to evaluate on (held-out pairs)."""
+    out: str | None = None
+    """Output JSON file."""
+    batch_size: int = 64
+    """Sequences per forward pass."""
+    max_length: int = 256
+    """Longest sequence in tokens (prompts are cut from the left)."""
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+
+@dataclass
 class RunConfig:
-    """The whole pipeline (`rlhf run`): world -> pretrain -> SFT -> eval."""
+    """The whole pipeline (`rlhf run`): world -> pretrain -> SFT -> collect preferences -> reward model -> eval."""
 
     out: str = "runs/demo"
     """Run folder; each stage writes a subfolder and is skipped when its finished output exists."""
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    rm: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -78,6 +78,8 @@ class FitResult:
 
     steps: int = 0
     tokens: int = 0
+    units: int = 0
+    """Scored units trained on: tokens for language models, pairs for reward models."""
     seconds: float = 0.0
     train_loss: float = float("nan")
     val_losses: list[float] = field(default_factory=list)
@@ -183,8 +185,13 @@ def fit(
     accelerator: Accelerator | None = None,
     desc: str = "train",
     count_fn: Callable[[dict[str, torch.Tensor]], int] = count_units,
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; returns what happened. With early stopping the best weights are kept."""
+    """Train ``model`` in place; returns what happened. With early stopping the best weights are kept.
+
+    Validation is the mean ``loss_fn`` over ``val_batches``, or ``validate(model)``: a dict of metrics
+    with at least "val/loss" (for stages that also measure, say, accuracy in the same pass).
+    """
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     optimizer = build_optimizer(model, cfg)
@@ -200,7 +207,8 @@ def fit(
     with progress_bar(desc, plan.total_steps, enabled=acc.is_main_process) as bar:
         for group in _step_groups(len(train_items), cfg, plan.total_steps, acc):
             batches = [collate([train_items[i] for i in b]) for b in group]
-            res.train_loss = _accumulate_step(model, batches, loss_fn, count_fn, acc)
+            res.train_loss, units = _accumulate_step(model, batches, loss_fn, count_fn, acc)
+            res.units += units
             grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm else float("nan")
             optimizer.step()
             sched.step()
@@ -215,11 +223,11 @@ def fit(
                 logger.log(res.steps, **{"train/loss": sum(recent) / len(recent), "lr": sched.get_last_lr()[0],
                                          "grad_norm": grad_norm, "tokens_per_sec": res.tokens_per_sec})
                 recent.clear()
-            if val_batches and (res.steps % plan.eval_every == 0 or last):
-                val = evaluate_loss(model, val_batches, loss_fn, acc.device)
+            if (val_batches or validate) and (res.steps % plan.eval_every == 0 or last):
+                metrics = validate(model) if validate else {"val/loss": evaluate_loss(model, val_batches, loss_fn, acc.device)}
                 if logger:
-                    logger.log(res.steps, **{"val/loss": val})
-                if best.update(acc.unwrap_model(model), val, res):
+                    logger.log(res.steps, **metrics)
+                if best.update(acc.unwrap_model(model), metrics["val/loss"], res):
                     res.stopped_early = True
                     break
     best.restore(acc.unwrap_model(model))
@@ -227,8 +235,10 @@ def fit(
     return res
 
 
-def _accumulate_step(model, group, loss_fn: LossFn, count_fn, acc: Accelerator) -> float:
-    """Forward/backward over one optimiser step's micro-batches, weighted by their scored tokens."""
+def _accumulate_step(model, group, loss_fn: LossFn, count_fn, acc: Accelerator) -> tuple[float, int]:
+    """Forward/backward over one optimiser step's micro-batches, weighted by their scored units.
+
+    Returns the step's mean loss and its number of scored units."""
     counts = [count_fn(b) for b in group]
     total_units = max(sum(counts), 1)
     loss_value = 0.0
@@ -241,7 +251,7 @@ def _accumulate_step(model, group, loss_fn: LossFn, count_fn, acc: Accelerator) 
             scaled = loss * (n / total_units)
             acc.backward(scaled)
         loss_value += scaled.item()
-    return loss_value
+    return loss_value, sum(counts)
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,3 +51,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     n = (shifted != IGNORE_INDEX).sum()
     total = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return total / n.clamp(min=1), n
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real (mask 1) token of each row, for left, right or mixed padding.
+
+    attention_mask: (B, T) -> (B,). The rightmost 1 is found from the mask, never from a pad id, so a
+    pad token that also occurs in the text (or equals EOS) cannot move it. A row with no real token
+    gives 0.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
+    return (positions * (attention_mask != 0)).argmax(dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only: (B, T). Left padding then does not shift a sequence's
+    positions, so a left-padded and a right-padded row get the same hidden states."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)

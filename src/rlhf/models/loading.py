@@ -51,7 +51,7 @@ def ensure_pad_token(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> No
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=True)
     model.config.pad_token_id = tok.pad_token_id
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:  # classifiers have none
         model.generation_config.pad_token_id = tok.pad_token_id
 
 
@@ -82,8 +82,11 @@ def load_causal_lm(
     return model, tok
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
-    """Wrap the model with LoRA adapters; only the adapters stay trainable."""
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    """Wrap the model with LoRA adapters; only the adapters stay trainable.
+
+    With task_type "SEQ_CLS" (reward models) peft also trains the new scalar head in full.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -95,7 +98,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
             f"linear layers here include: {sorted(n for n in names if 'proj' in n or 'attn' in n)[:12]}"
         )
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                              target_modules=list(cfg.target_modules), task_type=task_type)
     if getattr(model, "is_activation_checkpointing", False):
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     return get_peft_model(model, peft_cfg)

@@ -1,4 +1,4 @@
-"""The whole pipeline, top to bottom: world -> pretrain -> SFT -> eval.
+"""The whole pipeline, top to bottom: world -> pretrain -> SFT -> collect -> reward model -> eval.
 
 Each stage writes its own folder under the run folder and is skipped when that folder holds a
 finished output (every stage writes atomically, so a folder that exists is finished). Running the
@@ -16,11 +16,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rlhf.config import RunConfig
+from rlhf.config import EvalRMConfig, RunConfig
 from rlhf.configlib import to_dict
 from rlhf.evaluation.policy import run_eval
+from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import atomic_dir, stage_done, write_json_atomic
+from rlhf.stages.collect import run_collect
 from rlhf.stages.pretrain import run_pretrain
+from rlhf.stages.reward import run_rm
 from rlhf.stages.sft import run_sft
 from rlhf.world import write_world
 
@@ -30,15 +33,16 @@ console = Console(stderr=True)
 SUMMARY_KEYS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "honesty", "accuracy", "mean_length", "eos_rate")
 
 
-def _stage(name: str, done: bool, fn, *args):
-    """Run one stage unless its output exists; time it and say what happened."""
+def _stage(name: str, done: bool, times: dict, fn, *args):
+    """Run one stage unless its output exists; time it (into ``times``) and say what happened."""
     if done:
         console.print(f"[dim]- {name}: finished output found, skipped[/dim]")
         return None
     console.rule(f"[bold]{name}")
     start = time.perf_counter()
     result = fn(*args)
-    console.print(f"[green]- {name}: done in {time.perf_counter() - start:.0f}s")
+    times[name] = round(time.perf_counter() - start, 1)
+    console.print(f"[green]- {name}: done in {times[name]:.0f}s")
     return result
 
 
@@ -61,35 +65,60 @@ def stage_configs(cfg: RunConfig) -> RunConfig:
     if cfg.sft.data.val_path is None and cfg.sft.data.path == str(world / "sft_train.jsonl"):
         cfg.sft.data.val_path = str(world / "sft_val.jsonl")
     cfg.sft.out = cfg.sft.out or str(root / "sft")
+    cfg.collect.policy = cfg.collect.policy or cfg.sft.out
+    cfg.collect.prompts = cfg.collect.prompts or str(world / "prompts_train.jsonl")
+    cfg.collect.out = cfg.collect.out or str(root / "prefs" / "train.jsonl")
+    cfg.rm.model = cfg.rm.model or cfg.sft.out
+    cfg.rm.data.path = cfg.rm.data.path or cfg.collect.out
+    cfg.rm.out = cfg.rm.out or str(root / "rm")
     return cfg
 
 
+def heldout_collect(cfg: RunConfig):
+    """Preference pairs on the held-out prompts (other phrasings and entities) for evaluating the RM."""
+    held = copy.deepcopy(cfg.collect)
+    held.prompts, held.seed = str(Path(cfg.out) / "world" / "prompts_heldout.jsonl"), cfg.collect.seed + 1
+    held.out, held.n_prompts = str(Path(cfg.out) / "prefs" / "heldout.jsonl"), None
+    return held
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
-    """Run every unfinished stage and print the base-vs-SFT table; returns the two eval results."""
+    """Run every unfinished stage, write summary.json and print the summary table; returns the summary."""
     cfg = stage_configs(cfg)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    summary_path = root / "summary.json"
+    times = json.loads(summary_path.read_text()).get("time_seconds", {}) if summary_path.is_file() else {}
     world = root / "world"
-    _stage("world", (world / "world.json").is_file(), make_world, cfg, world)
-    _stage("pretrain", stage_done(cfg.pretrain.out) is not None, run_pretrain, cfg.pretrain)
-    _stage("sft", stage_done(cfg.sft.out) is not None, run_sft, cfg.sft)
+    _stage("world", (world / "world.json").is_file(), times, make_world, cfg, world)
+    _stage("pretrain", stage_done(cfg.pretrain.out) is not None, times, run_pretrain, cfg.pretrain)
+    _stage("sft", stage_done(cfg.sft.out) is not None, times, run_sft, cfg.sft)
+    held = heldout_collect(cfg)
+    for name, c in (("collect", cfg.collect), ("collect heldout", held)):
+        _stage(name, Path(c.out).is_file(), times, run_collect, c)
+    _stage("rm", stage_done(cfg.rm.out) is not None, times, run_rm, cfg.rm)
+    rm_eval = EvalRMConfig(model=cfg.rm.out, data=held.out, out=str(root / "eval" / "rm.json"),
+                           max_length=cfg.rm.data.max_length, load=cfg.rm.load)
+    _stage("eval rm", Path(rm_eval.out).is_file(), times, run_eval_rm, rm_eval)
     results = {}
     for name, model, against in (("base", cfg.pretrain.out, None), ("sft", cfg.sft.out, cfg.pretrain.out)):
         ev = copy.deepcopy(cfg.eval)
         ev.model, ev.against, ev.out = model, against, str(root / "eval" / f"{name}.json")
-        _stage(f"eval {name}", Path(ev.out).is_file(), run_eval, ev)
+        _stage(f"eval {name}", Path(ev.out).is_file(), times, run_eval, ev)
         results[name] = json.loads(Path(ev.out).read_text())
-    write_json_atomic(root / "summary.json", {k: {m: v.get(m) for m in SUMMARY_KEYS} for k, v in results.items()})
-    print_summary(results)
-    return results
+    summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "time_seconds": times}
+    write_json_atomic(summary_path, summary)
+    print_summary(summary)
+    return summary
 
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def print_summary(results: dict) -> None:
+def print_summary(summary: dict) -> None:
+    results = summary["stages"]
     table = Table(title="held-out evaluation (gold judge)")
     table.add_column("metric")
     for name in results:
@@ -97,3 +126,8 @@ def print_summary(results: dict) -> None:
     for key in SUMMARY_KEYS:
         table.add_row(key, *(_fmt(r.get(key)) for r in results.values()))
     Console().print(table)
+    rm = summary["rm"]
+    flagged = rm.get("annotators", {}).get("flagged", [])
+    Console().print(f"reward model on {rm['n_pairs']} held-out pairs: accuracy {_fmt(rm['accuracy'])}, "
+                    f"gold accuracy {_fmt(rm['gold_accuracy'])}, ECE {_fmt(rm['ece'])}, length correlation "
+                    f"{_fmt(rm['length_correlation'])}; annotators flagged by agreement: {', '.join(flagged) or 'none'}")

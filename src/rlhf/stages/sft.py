@@ -76,6 +76,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     acc = make_accelerator(cfg.train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("SFT on %d samples (%d validation); %.2fM trainable parameters", len(train), len(val), trainable / 1e6)
+    model.to(acc.device)
     with atomic_dir(cfg.out) as tmp:
         with MetricsLogger(tmp, enabled=acc.is_main_process) as logger:
             initial_val = evaluate_loss(model, val_batches, lm_loss, acc.device) if val_batches else None

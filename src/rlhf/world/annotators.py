@@ -4,6 +4,10 @@ Real preference data is noisy and biased. These annotators make that concrete an
 careful one almost always agrees with gold, the average one errs on close calls, the length lover
 rewards verbosity (a reward model trained on its labels learns to ramble: reward hacking you can
 watch), and the random clicker is pure noise (agreement statistics should flag it).
+
+Like people with a "tie" button, an annotator who sees no real difference between two replies says
+so (`compare` returns "tie") instead of guessing; ties carry no preference and are left out of the
+preference data. The random clicker never reads the replies, so it never says tie.
 """
 
 from __future__ import annotations
@@ -34,13 +38,30 @@ class Annotator:
     beta: float               # rationality: how sharply gold differences decide the label
     length_bias: float = 0.0  # logit bonus per extra word (the verbose-lover)
     random_rate: float = 0.0  # share of labels that are coin flips (1.0: the random clicker)
+    tie_logit: float = 0.5    # "tie" when |perceived logit| is below this (careful: gold gap < 0.025)
+
+    def logit(self, task: Task, a: str, b: str) -> float:
+        """How much better `a` looks than `b` to this annotator when it reads them (log-odds)."""
+        gold = judge(task, a).total - judge(task, b).total
+        return self.beta * gold + self.length_bias * (len(a.split()) - len(b.split()))
 
     def prob_prefers_a(self, task: Task, a: str, b: str) -> float:
-        """The probability that this annotator labels reply `a` as the better one."""
-        gold = judge(task, a).total - judge(task, b).total
-        extra_words = len(a.split()) - len(b.split())
-        rational = _sigmoid(self.beta * gold + self.length_bias * extra_words)
-        return self.random_rate * 0.5 + (1.0 - self.random_rate) * rational
+        """The probability that this annotator labels reply `a` as the better one when forced to choose."""
+        return self.random_rate * 0.5 + (1.0 - self.random_rate) * _sigmoid(self.logit(task, a, b))
+
+    def compare(self, task: Task, a: str, b: str, rng: random.Random) -> tuple[str, float]:
+        """("a" | "b" | "tie", P of that choice to this annotator): a label with a tie option.
+
+        The probability is the annotator's own confidence, which the caller can turn into a
+        "slightly/much better" strength.
+        """
+        if rng.random() < self.random_rate:
+            return rng.choice("ab"), 0.5  # a click without reading
+        logit = self.logit(task, a, b)
+        if abs(logit) < self.tie_logit:
+            return "tie", 1.0
+        p_a = _sigmoid(logit)
+        return ("a", p_a) if rng.random() < p_a else ("b", 1.0 - p_a)
 
     def label(self, task: Task, a: str, b: str, rng: random.Random) -> int:
         """0 if this annotator prefers `a`, 1 if it prefers `b`; all randomness comes from `rng`."""

@@ -1,0 +1,149 @@
+"""Reward-model evaluation: how far PPO can trust the reward model.
+
+On a preference file (held-out pairs), for one model or an ensemble:
+
+- accuracy: agreement with the file's labels (noisy when annotators are);
+- gold_accuracy: agreement with the noise-free preference of the gold judge, on pairs whose gold
+  scores differ (assistant world, or any file with gold_chosen/gold_rejected fields);
+- per_family and per_annotator accuracies;
+- ece: expected calibration error of P(chosen) = sigmoid(r_chosen - r_rejected), 10 equal-width
+  confidence bins (Guo et al. 2017);
+- length_correlation: Pearson correlation between reward and response length in words over the
+  distinct responses in the file (policy samples): a reward that grows with length invites rambling;
+- disagreement: for an ensemble, the mean standard deviation of the members' normalised rewards;
+- annotators: agreement statistics of the labels themselves (kappa, alpha, agreement with the majority).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from rlhf.algos.reward import preference_accuracy
+from rlhf.config import EvalRMConfig, require
+from rlhf.data.io import PreferenceExample, load_preferences, to_record
+from rlhf.evaluation.agreement import annotator_report, units_from_preferences
+from rlhf.fsutil import write_json_atomic
+from rlhf.models.reward import RewardModel
+
+log = logging.getLogger("rlhf.eval_rm")
+
+
+def expected_calibration_error(p_chosen: torch.Tensor, bins: int = 10) -> float:
+    """ECE of the predicted preference: confidence max(p, 1-p) against being right, binned by confidence."""
+    conf = torch.maximum(p_chosen, 1 - p_chosen)  # (N,)
+    right = (p_chosen > 0.5).float() + 0.5 * (p_chosen == 0.5).float()
+    edges = torch.linspace(0.5, 1.0, bins + 1)
+    ece = 0.0
+    for i in range(bins):
+        upper = conf <= edges[i + 1] if i == bins - 1 else conf < edges[i + 1]
+        in_bin = (conf >= edges[i]) & upper
+        if in_bin.any():
+            ece += in_bin.float().mean().item() * abs(right[in_bin].mean().item() - conf[in_bin].mean().item())
+    return ece
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation; None when either side is constant or there are fewer than 3 points."""
+    n = len(x)
+    if n < 3:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def score_pairs(rm: RewardModel, pairs: Sequence[PreferenceExample], batch_size: int, max_length: int
+                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Per-member rewards of chosen and rejected, each (M, N), scoring every distinct response once.
+
+    Also returns {(prompt key, response): column} for the distinct responses."""
+    keys: dict[tuple[str, str], int] = {}
+    prompts, responses = [], []
+    for ex in pairs:
+        for text in (ex.chosen, ex.rejected):
+            key = (json.dumps(ex.prompt, sort_keys=True), text)
+            if key not in keys:
+                keys[key] = len(responses)
+                prompts.append(ex.prompt)
+                responses.append(text)
+    rewards = rm.score(prompts, responses, batch_size=batch_size, max_length=max_length,
+                       normalize=rm.normalized, per_member=True)  # (M, R)
+    idx = [(keys[(json.dumps(ex.prompt, sort_keys=True), ex.chosen)], keys[(json.dumps(ex.prompt, sort_keys=True), ex.rejected)])
+           for ex in pairs]
+    c = torch.tensor([i for i, _ in idx])
+    r = torch.tensor([j for _, j in idx])
+    return rewards[:, c], rewards[:, r], {"rewards": rewards, "responses": responses}
+
+
+def _gold_agreement(pairs: Sequence[PreferenceExample], rc: torch.Tensor, rr: torch.Tensor) -> list[float | None]:
+    """Per pair: 1/0 when the reward model agrees/disagrees with the gold preference, None without one."""
+    out = []
+    for k, ex in enumerate(pairs):
+        gc, gr = ex.extra.get("gold_chosen"), ex.extra.get("gold_rejected")
+        if gc is None or gr is None or gc == gr:
+            out.append(None)
+        else:
+            out.append(0.5 if rc[k] == rr[k] else float((rc[k] > rr[k]).item() == (gc > gr)))
+    return out
+
+
+def _grouped(pairs: Sequence[PreferenceExample], right: torch.Tensor, gold: list, key) -> dict:
+    """Accuracy and gold accuracy per group (family, annotator)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for k, ex in enumerate(pairs):
+        name = key(ex)
+        if name is not None:
+            groups[str(name)].append(k)
+    out = {}
+    for name, ks in sorted(groups.items()):
+        g = [gold[k] for k in ks if gold[k] is not None]
+        out[name] = {"n": len(ks), "accuracy": right[ks].mean().item(),
+                     "gold_pairs": len(g), "gold_accuracy": sum(g) / len(g) if g else None}
+    return out
+
+
+def evaluate_reward_model(rm: RewardModel, pairs: Sequence[PreferenceExample], *, batch_size: int = 64,
+                          max_length: int = 256) -> dict:
+    """Every metric of the module docstring for ``rm`` on ``pairs``."""
+    if not pairs:
+        raise ValueError("no preference pairs to evaluate")
+    chosen, rejected, scored = score_pairs(rm, pairs, batch_size, max_length)
+    rc, rr = chosen.mean(0), rejected.mean(0)  # (N,)
+    right = (rc > rr).float() + 0.5 * (rc == rr).float()  # (N,)
+    gold = _gold_agreement(pairs, rc, rr)
+    gold_known = [g for g in gold if g is not None]
+    all_rewards = scored["rewards"].mean(0)  # (R,) over distinct responses
+    lengths = [len(t.split()) for t in scored["responses"]]
+    result = {
+        "n_pairs": len(pairs), "members": len(rm.members), "normalized": rm.normalized,
+        "accuracy": preference_accuracy(rc, rr).item(),
+        "gold_accuracy": sum(gold_known) / len(gold_known) if gold_known else None,
+        "gold_pairs": len(gold_known),
+        "per_family": _grouped(pairs, right, gold, lambda ex: ex.extra.get("family")),
+        "per_annotator": _grouped(pairs, right, gold, lambda ex: ex.annotator),
+        "ece": expected_calibration_error(torch.sigmoid(rc - rr)),
+        "length_correlation": pearson(all_rewards.tolist(), lengths),
+        "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+        "disagreement": scored["rewards"].std(0, unbiased=False).mean().item() if len(rm.members) > 1 else None,
+    }
+    if any(ex.annotator for ex in pairs):
+        result["annotators"] = annotator_report(units_from_preferences(to_record(ex) for ex in pairs))
+    return result
+
+
+def run_eval_rm(cfg: EvalRMConfig) -> dict:
+    """Evaluate cfg.model on cfg.data; write cfg.out (JSON); return the metrics."""
+    require(cfg, "model", "data", "out", stage="eval-rm")
+    pairs = list(load_preferences(cfg.data))
+    rm = RewardModel.load(cfg.model, cfg.load)
+    result = {"model": str(cfg.model), "data": str(cfg.data),
+              **evaluate_reward_model(rm, pairs, batch_size=cfg.batch_size, max_length=cfg.max_length)}
+    write_json_atomic(cfg.out, result)
+    return result

@@ -1,0 +1,172 @@
+"""Reward models: a backbone plus a scalar head, saved as an ordinary sequence-classification folder.
+
+The folder is what ``AutoModelForSequenceClassification.from_pretrained(path)`` loads, with
+``num_labels=1``: the convention TRL and OpenRLHF use, so any tool can read our reward models and we
+can read theirs. Decoder backbones (Llama, GPT-2, Qwen...) read the reward at the last real token;
+encoders (BERT-style) use their own pooler on the first token.
+
+An ensemble is a folder with ``ensemble.json`` and one such folder per member (``member_0``, ...).
+:class:`RewardModel` loads either and returns, per sequence, the members' mean reward and their
+disagreement (standard deviation; 0 for a single model). Each folder's config carries
+``reward_mean``/``reward_std`` measured on policy samples, so PPO can normalise without rescoring.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.algos.core import last_token_index, position_ids_from_mask
+from rlhf.config import ModelLoadConfig
+from rlhf.data.chat import Message, encode_sft, encode_text
+from rlhf.models.loading import DTYPES, check_model_dir, ensure_pad_token, load_tokenizer
+
+log = logging.getLogger("rlhf.models")
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def is_encoder(model: PreTrainedModel) -> bool:
+    """BERT-style models classify from their pooler; decoders have a ``score`` head read per token."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return not hasattr(base, "score")
+
+
+def load_reward_backbone(path: str | Path, load: ModelLoadConfig | None = None, *, gradient_checkpointing: bool = False
+                         ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A sequence-classification model with one output from any folder: a causal LM (new head) or a reward model."""
+    load = load or ModelLoadConfig()
+    path = check_model_dir(path)
+    tok = load_tokenizer(path, load.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=DTYPES[load.dtype], trust_remote_code=load.trust_remote_code,
+        attn_implementation=load.attn_implementation)
+    if not is_encoder(model):
+        ensure_pad_token(model, tok)
+    for m in model.modules():  # dropout off: the same pair must score the same in every pass
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tok
+
+
+def reward_forward(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards (B,) of full sequences (B, T), left-, right- or mixed-padded.
+
+    For decoders the head is applied to the hidden state of the last real token only (found from the
+    mask, with positions counted from the first real token), which is what the library's own forward
+    computes for a right-padded batch, without projecting every position.
+    """
+    if is_encoder(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                      use_cache=False).last_hidden_state  # (B, T, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    return base.score(last)[:, 0].float()
+
+
+def encode_for_reward(tok: PreTrainedTokenizerBase, prompt: Sequence[Message], response: str, max_length: int,
+                      encoder: bool = False) -> list[int] | None:
+    """Token ids the reward model reads for one (prompt, response); None when the response alone is too long.
+
+    Decoders see exactly what the policy saw and wrote: the rendered prompt, then the response ending
+    in EOS, whose hidden state carries the reward. Encoders see the usual pair input
+    ``[CLS] prompt [SEP] response [SEP]`` (scored with segment ids 0 throughout: pass only input_ids
+    and attention_mask when you call such a model yourself). Overlong prompts lose their oldest tokens.
+    """
+    if not encoder:
+        enc = encode_sft(tok, prompt, response, max_length, "left")
+        return None if enc is None else enc.input_ids
+    prompt_text = "\n".join(m["content"] for m in prompt)  # encoders have no chat template (and often no EOS)
+    if len(encode_text(tok, response)) + tok.num_special_tokens_to_add(pair=True) >= max_length:
+        return None
+    side, tok.truncation_side = tok.truncation_side, "left"  # overlong prompts lose their oldest tokens
+    try:
+        return tok(prompt_text, response, truncation="only_first", max_length=max_length)["input_ids"]
+    finally:
+        tok.truncation_side = side
+
+
+class RewardModel:
+    """One reward model or an ensemble, loaded for scoring: mean reward and disagreement per sequence."""
+
+    def __init__(self, members: list[PreTrainedModel], tok: PreTrainedTokenizerBase, path: str | Path = ""):
+        self.members, self.tok, self.path = members, tok, str(path)
+        self.encoder = is_encoder(members[0])
+        self.means = torch.tensor([float(getattr(m.config, "reward_mean", 0.0)) for m in members])  # (M,)
+        self.stds = torch.tensor([float(getattr(m.config, "reward_std", 1.0)) for m in members])  # (M,)
+
+    @classmethod
+    def load(cls, path: str | Path, load: ModelLoadConfig | None = None) -> RewardModel:
+        path = Path(path)
+        folders = member_folders(path)
+        members, tok = [], None
+        for folder in folders:
+            model, tok = load_reward_backbone(folder, load)
+            members.append(model.eval())
+        return cls(members, tok, path)
+
+    @property
+    def normalized(self) -> bool:
+        return all(hasattr(m.config, "reward_mean") for m in self.members)
+
+    def to(self, device: torch.device | str) -> RewardModel:
+        self.members = [m.to(device) for m in self.members]
+        return self
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, normalize: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) over members, each (B,); normalize: each member's (r - mean) / std first."""
+        rewards = torch.stack([reward_forward(m, input_ids, attention_mask) for m in self.members])  # (M, B)
+        if normalize:
+            rewards = (rewards - self.means.to(rewards.device)[:, None]) / self.stds.to(rewards.device)[:, None]
+        std = rewards.std(dim=0, unbiased=False) if len(self.members) > 1 else torch.zeros_like(rewards[0])
+        return rewards.mean(dim=0), std
+
+    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], *, batch_size: int = 64,
+              max_length: int = 256, normalize: bool = False, per_member: bool = False) -> torch.Tensor:
+        """Rewards of (prompt, response) pairs: (N,) mean, or (M, N) per member with per_member."""
+        seqs = [encode_for_reward(self.tok, p, r, max_length, self.encoder) or [] for p, r in zip(prompts, responses)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+        out = torch.zeros(len(self.members), len(seqs))  # (M, N)
+        device = next(self.members[0].parameters()).device
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate_sequences([seqs[i] for i in idx], self.tok.pad_token_id or 0)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            with torch.no_grad():
+                rewards = torch.stack([reward_forward(m, ids, mask) for m in self.members]).cpu()  # (M, b)
+            out[:, idx] = rewards
+        if normalize:
+            out = (out - self.means[:, None]) / self.stds[:, None]
+        return out if per_member else out.mean(dim=0)
+
+
+def collate_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) ids and mask for sequences that are scored whole (an empty one is all padding)."""
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def member_folders(path: str | Path) -> list[Path]:
+    """The model folders of a reward model: the folder itself, or an ensemble's members in order."""
+    path = Path(path)
+    spec = path / ENSEMBLE_FILE
+    if spec.is_file():
+        members = json.loads(spec.read_text())["members"]
+        return [check_model_dir(path / m) for m in members]
+    return [check_model_dir(path)]

@@ -1,0 +1,114 @@
+"""Preference data from a policy: sample K responses per prompt, pair them, have annotators label them.
+
+In the assistant world the annotators are simulated (Bradley-Terry noise around the gold judge, each
+with a quirk), so the labels are as noisy and biased as real ones, while the gold scores, kept in
+separate fields for evaluation only, say what a careful rater would have preferred. Real users label
+with `rlhf annotate` or bring their own file; both reach `rlhf rm` through the same loader.
+
+Output rows: prompt, chosen, rejected, margin, annotator, plus pair_id (the same for every label of
+one pair, so agreement can be measured), family, gold_chosen and gold_rejected. An annotator who sees
+no difference says "tie"; ties make no row (they are counted in the statistics written beside the file).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from pathlib import Path
+
+from rlhf.config import CollectConfig, require
+from rlhf.configlib import ConfigError, to_dict
+from rlhf.data.io import load_prompts, write_jsonl_atomic
+from rlhf.evaluation.agreement import annotator_report
+from rlhf.fsutil import write_json_atomic
+from rlhf.models.generation import generate
+from rlhf.models.loading import load_causal_lm
+from rlhf.report.progress import progress_bar
+from rlhf.world import annotator, judge, parse_prompt
+
+log = logging.getLogger("rlhf.collect")
+
+MUCH_BETTER = 1.0   # margin of a label the annotator is sure of (its P(choice) >= SURE)
+SLIGHTLY_BETTER = 0.5
+SURE = 0.9
+
+
+def world_tasks(prompts) -> list:
+    """The world task behind each prompt; the simulated annotators can judge nothing else."""
+    tasks = []
+    for ex in prompts:
+        task = parse_prompt(ex.prompt[-1]["content"])
+        if task is None:
+            raise ConfigError(
+                f"{ex.source}: field 'prompt': not an assistant-world prompt; simulated annotators only know the "
+                "world. Label your own prompts with `rlhf annotate` and train `rlhf rm` on its export.")
+        tasks.append(task)
+    return tasks
+
+
+def label_pair(task, a: str, b: str, names: list[str], rng: random.Random) -> tuple[list[dict], dict[str, str]]:
+    """Each named annotator's label of one pair: preference rows (chosen, rejected, margin from how sure
+    it was), and every annotator's verdict including ties (ties make no row)."""
+    rows, verdicts = [], {}
+    for name in names:
+        choice, p_choice = annotator(name).compare(task, a, b, rng)
+        verdicts[name] = choice
+        if choice == "tie":
+            continue
+        chosen, rejected = (a, b) if choice == "a" else (b, a)
+        margin = MUCH_BETTER if p_choice >= SURE else SLIGHTLY_BETTER
+        rows.append({"chosen": chosen, "rejected": rejected, "margin": margin, "annotator": name})
+    return rows, verdicts
+
+
+def run_collect(cfg: CollectConfig) -> dict:
+    """Sample, pair and label; write cfg.out (JSONL) and its statistics beside it; return the statistics."""
+    require(cfg, "policy", "prompts", "out", stage="collect")
+    for name in cfg.annotators:
+        try:
+            annotator(name)
+        except ValueError as e:
+            raise ConfigError(f"collect.annotators: {e}") from None
+    prompts = list(load_prompts(cfg.prompts))[: cfg.n_prompts]
+    tasks = world_tasks(prompts)
+    # 1. K samples per prompt from the policy, in one batched pass.
+    model, tok = load_causal_lm(cfg.policy, cfg.load)
+    repeated = [ex.prompt for ex in prompts for _ in range(cfg.k)]
+    with progress_bar("collect: sampling", len(repeated)) as bar:
+        gens = generate(model, tok, repeated, cfg.generation, seed=cfg.seed, progress=bar)
+    # 2. Every pair of distinct responses, shown in random order, labelled by one annotator (or all).
+    rng = random.Random(cfg.seed)
+    rows, verdicts, identical, empty = [], {}, 0, 0
+    for i, (ex, task) in enumerate(zip(prompts, tasks)):
+        texts = [g.text for g in gens[i * cfg.k : (i + 1) * cfg.k]]
+        for x, y in itertools.combinations(range(cfg.k), 2):
+            if texts[x].strip() == texts[y].strip():
+                identical += 1  # nothing to compare
+                continue
+            if not texts[x].strip() or not texts[y].strip():
+                empty += 1  # preference files hold non-empty replies only (an empty one is usually a data bug)
+                continue
+            a, b = (texts[x], texts[y]) if rng.random() < 0.5 else (texts[y], texts[x])
+            names = list(cfg.annotators) if rng.random() < cfg.overlap else [rng.choice(cfg.annotators)]
+            pair_id = f"{i}-{x}-{y}"
+            pair_rows, verdicts[pair_id] = label_pair(task, a, b, names, rng)
+            for row in pair_rows:
+                rows.append({"prompt": ex.prompt, **row, "pair_id": pair_id, "family": task.family,
+                             "gold_chosen": judge(task, row["chosen"]).total,
+                             "gold_rejected": judge(task, row["rejected"]).total})
+    if not rows:
+        ties = sum(v == "tie" for pair in verdicts.values() for v in pair.values())
+        raise ValueError(f"no preference rows: {identical} identical pairs, {empty} with an empty reply, {ties} "
+                         "labelled tie; sample more diverse responses (generation.temperature, k) or more prompts")
+    out = Path(cfg.out)
+    write_jsonl_atomic(out, rows)
+    ties = sum(v == "tie" for pair in verdicts.values() for v in pair.values())
+    stats = {"prompts": len(prompts), "responses": len(gens), "pairs_labelled": len(verdicts),
+             "pairs": len({r["pair_id"] for r in rows}), "labels": len(rows), "ties": ties,
+             "identical_pairs_skipped": identical, "empty_pairs_skipped": empty, "eos_rate": sum(g.ended for g in gens) / len(gens),
+             # Agreement over every verdict, ties included: what the annotators did, not only what was kept.
+             "annotators": annotator_report(verdicts), "config": to_dict(cfg)}
+    write_json_atomic(out.with_name(out.stem + ".stats.json"), stats)
+    log.info("collect: %d labels on %d pairs from %d prompts -> %s", len(rows), stats["pairs"], len(prompts), out)
+    return stats

@@ -1,0 +1,246 @@
+"""Stage 2: the reward model, trained on preference pairs with the Bradley-Terry loss.
+
+Reads top to bottom: load the backbone with a new scalar head, encode the pairs, train (chosen and
+rejected of a batch go through the model in one forward pass), measure the reward's mean and std on
+policy samples and store them in the model config, save an ordinary AutoModelForSequenceClassification
+folder. With ``ensemble: N`` the same is done N times with different seeds and bootstrap resamples,
+into ``member_0`` ... ``member_{N-1}`` plus ``ensemble.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.algos.reward import pairwise_loss, preference_accuracy
+from rlhf.config import DataConfig, RewardConfig, require
+from rlhf.configlib import to_dict
+from rlhf.data.io import DataError, PreferenceExample, load_preferences, load_prompts, to_record
+from rlhf.evaluation.agreement import annotator_report, units_from_preferences
+from rlhf.fsutil import atomic_dir, write_json_atomic
+from rlhf.models.loading import apply_lora, load_causal_lm, save_model
+from rlhf.models.reward import ENSEMBLE_FILE, collate_sequences, encode_for_reward, is_encoder, load_reward_backbone, reward_forward
+from rlhf.report.metrics import MetricsLogger
+from rlhf.training import fit, make_accelerator
+
+log = logging.getLogger("rlhf.rm")
+
+
+@dataclass
+class EncodedPair:
+    """One comparison, tokenized: the full sequences (prompt + response) of both sides."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin: float | None
+
+
+def encode_pairs(tok, examples: list[PreferenceExample], data: DataConfig, encoder: bool) -> list[EncodedPair]:
+    """Tokenize both sides. The reward is read at the end, so overlong prompts lose their oldest tokens;
+    a pair whose response alone is too long is dropped and counted, or with truncation='error' is a bad
+    row (data.on_error decides whether that stops the run)."""
+    pairs, dropped = [], []
+    for ex in examples:
+        c = encode_for_reward(tok, ex.prompt, ex.chosen, data.max_length, encoder)
+        r = encode_for_reward(tok, ex.prompt, ex.rejected, data.max_length, encoder)
+        if data.truncation == "error":
+            too_long = [side for side, full in (("chosen", ex.chosen), ("rejected", ex.rejected))
+                        if len(encode_for_reward(tok, ex.prompt, full, 10**9, encoder)) > data.max_length]
+            if too_long and data.on_error == "raise":
+                raise DataError(f"sample is longer than data.max_length {data.max_length} (truncation: error)",
+                                path=data.path, location=ex.source or None, field=too_long[0])
+            c = None if too_long else c
+        if c is None or r is None:
+            dropped.append(ex.source)
+        else:
+            pairs.append(EncodedPair(c, r, ex.margin))
+    if dropped:
+        log.warning("dropped %d of %d pairs longer than data.max_length=%d (first: %s)", len(dropped), len(examples),
+                    data.max_length, ", ".join(dropped[:3]))
+    if not pairs:
+        raise ValueError(f"no pairs left after truncation to data.max_length={data.max_length}")
+    return pairs
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int, default_margin: float) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected, in one right-padded batch: (2B, T); margins (B,)."""
+    batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["margin"] = torch.tensor([default_margin if p.margin is None else p.margin for p in pairs])  # (B,)
+    return batch
+
+
+def make_loss_fn(cfg: RewardConfig):
+    """loss_fn(model, batch) -> (mean pairwise loss, number of pairs), as the training loop expects."""
+
+    def loss_fn(model, batch):
+        rewards = reward_forward(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        return pair_loss(cfg, batch, *rewards.chunk(2)), torch.tensor(len(rewards) // 2)
+
+    return loss_fn
+
+
+def pair_loss(cfg: RewardConfig, batch: dict, r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """The configured pairwise loss on the rewards of a batch's chosen and rejected halves, (B,) each."""
+    margin = batch["margin"] if cfg.loss.use_data_margin else cfg.loss.margin
+    return pairwise_loss(r_chosen, r_rejected, margin=margin, margin_weight=cfg.loss.margin_weight,
+                         center_coef=cfg.loss.center_coef)
+
+
+def make_validate(cfg: RewardConfig, val_batches: list[dict], device):
+    """Validation pass: mean loss, accuracy and reward scale over the held-out pairs."""
+
+    @torch.no_grad()
+    def validate(model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        loss_sum, chosen, rejected = 0.0, [], []
+        for batch in val_batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            c, r = reward_forward(model, batch["input_ids"], batch["attention_mask"]).chunk(2)  # (B,), (B,)
+            loss_sum += pair_loss(cfg, batch, c, r).item() * len(c)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        model.train(was_training)
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        return {"val/loss": loss_sum / len(c), "val/accuracy": preference_accuracy(c, r).item(),
+                "val/reward_margin": (c - r).mean().item(), "val/reward_mean": torch.cat([c, r]).mean().item()}
+
+    return validate
+
+
+def load_pairs(data: DataConfig, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """Training and validation pairs: from val_path, or a seeded val_fraction of the training file."""
+    train = list(load_preferences(data.path, on_error=data.on_error))
+    if data.val_path:
+        return train, list(load_preferences(data.val_path, on_error=data.on_error))
+    random.Random(seed).shuffle(train)
+    n_val = int(len(train) * data.val_fraction)
+    return train[n_val:], train[:n_val]
+
+
+def filter_annotators(cfg: RewardConfig, train: list[PreferenceExample]) -> tuple[list[PreferenceExample], list[str]]:
+    """Drop the labels of excluded annotators and, if asked, of those the agreement statistics flag."""
+    dropped = set(cfg.exclude_annotators)
+    if cfg.drop_flagged_annotators:
+        report = annotator_report(units_from_preferences(to_record(ex) for ex in train))
+        dropped |= set(report["flagged"])
+        log.info("annotator agreement (mean kappa): %s; flagged: %s",
+                 {k: None if v is None else round(v, 3) for k, v in report["mean_kappa"].items()}, report["flagged"] or "none")
+    kept = [ex for ex in train if ex.annotator not in dropped]
+    if dropped:
+        log.info("dropped %d labels from annotators %s", len(train) - len(kept), sorted(dropped))
+    if not kept:
+        raise ValueError(f"no training pairs left after dropping annotators {sorted(dropped)}")
+    return kept, sorted(dropped)
+
+
+def normalization_samples(cfg: RewardConfig, train: list[PreferenceExample]) -> tuple[list, list[str]]:
+    """(prompts, responses) to measure the reward scale on: fresh policy samples, or the data's responses."""
+    rng = random.Random(cfg.train.seed)
+    if cfg.normalize.policy:
+        from rlhf.models.generation import generate
+
+        prompts = [ex.prompt for ex in load_prompts(cfg.normalize.prompts)]
+        prompts = [prompts[i % len(prompts)] for i in range(cfg.normalize.n)]
+        policy, ptok = load_causal_lm(cfg.normalize.policy, cfg.load)
+        return prompts, [g.text for g in generate(policy, ptok, prompts, cfg.normalize.generation, seed=cfg.train.seed)]
+    seen, samples = set(), []
+    for ex in train:  # each distinct (prompt, response) once: a response in several pairs is one sample
+        for response in (ex.chosen, ex.rejected):
+            key = (str(ex.prompt), response)
+            if key not in seen:
+                seen.add(key)
+                samples.append((ex.prompt, response))
+    samples = rng.sample(samples, min(cfg.normalize.n, len(samples)))
+    return [p for p, _ in samples], [r for _, r in samples]
+
+
+@torch.no_grad()
+def reward_stats(model, tok, prompts, responses, max_length: int, device) -> tuple[float, float]:
+    """Mean and std of the model's reward over (prompt, response) samples."""
+    model.eval()
+    encoder = is_encoder(model)
+    seqs = [s for s in (encode_for_reward(tok, p, r, max_length, encoder) for p, r in zip(prompts, responses)) if s]
+    rewards = []
+    for i in range(0, len(seqs), 64):
+        batch = collate_sequences(seqs[i : i + 64], tok.pad_token_id or 0)
+        rewards.append(reward_forward(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
+    r = torch.cat(rewards)
+    std = r.std().item() if r.numel() > 1 else 0.0
+    return r.mean().item(), max(std, 1e-6)
+
+
+def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], val: list[PreferenceExample],
+                 norm_samples: tuple[list, list[str]], out: Path) -> dict:
+    """Train one reward model into ``out``; returns its summary."""
+    seed = cfg.train.seed + index
+    train_cfg = type(cfg.train)(**{**to_dict(cfg.train), "seed": seed})
+    torch.manual_seed(seed)  # the new head's initialisation: reproducible, and different per member
+    model, tok = load_reward_backbone(cfg.model, cfg.load, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    encoder = is_encoder(model)
+    if cfg.ensemble > 1 and cfg.bootstrap:  # each member sees a different resample: disagreement means uncertainty
+        rng = random.Random(seed)
+        train = [train[rng.randrange(len(train))] for _ in train]
+    train_pairs = encode_pairs(tok, train, cfg.data, encoder)
+    val_pairs = encode_pairs(tok, val, cfg.data, encoder) if val else []
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def collate(rows: list[EncodedPair]):
+        return collate_pairs(rows, pad_id, cfg.loss.margin)
+
+    bs = cfg.train.batch_size
+    val_batches = [collate(val_pairs[i : i + bs]) for i in range(0, len(val_pairs), bs)]
+    acc = make_accelerator(train_cfg)
+    loss_fn = make_loss_fn(cfg)
+    validate = make_validate(cfg, val_batches, acc.device) if val_batches else None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("reward model %d: %d pairs (%d validation); %.2fM trainable parameters", index, len(train_pairs),
+             len(val_pairs), trainable / 1e6)
+    model.to(acc.device)
+    with MetricsLogger(out, enabled=acc.is_main_process) as logger:
+        initial = validate(model) if validate else {}
+        result = fit(model, train_pairs, collate, train_cfg, loss_fn=loss_fn, logger=logger, accelerator=acc,
+                     desc=f"rm {index}" if cfg.ensemble > 1 else "rm", count_fn=lambda b: len(b["margin"]),
+                     validate=validate)
+        final = validate(acc.unwrap_model(model)) if validate else {}
+    model = acc.unwrap_model(model)
+    mean, std = reward_stats(model, tok, *norm_samples, cfg.data.max_length, acc.device)
+    model.config.reward_mean, model.config.reward_std = mean, std  # read back by RewardModel (and PPO)
+    save_model(model, tok, out, lora_save=cfg.lora.save)
+    return {
+        "member": index, "seed": seed, "pairs": len(train_pairs), "val_pairs": len(val_pairs), "steps": result.steps,
+        "trainable_parameters": trainable, "initial_val_accuracy": initial.get("val/accuracy"),
+        "val_accuracy": final.get("val/accuracy"), "val_loss": final.get("val/loss"),
+        "reward_mean": mean, "reward_std": std, "pairs_per_sec": result.units / max(result.seconds, 1e-9),
+        "seconds": result.seconds,
+    }
+
+
+def run_rm(cfg: RewardConfig) -> dict:
+    """Train the reward model (or ensemble) cfg.model on cfg.data; write cfg.out atomically; return a summary."""
+    require(cfg, "model", "out", stage="rm")
+    require(cfg.data, "path", stage="rm (data)")
+    train, val = load_pairs(cfg.data, cfg.train.seed)
+    train, dropped_annotators = filter_annotators(cfg, train)
+    norm_samples = normalization_samples(cfg, train)
+    with atomic_dir(cfg.out) as tmp:
+        tmp = Path(tmp)
+        names = [f"member_{i}" for i in range(cfg.ensemble)] if cfg.ensemble > 1 else ["."]
+        members = [train_member(cfg, i, train, val, norm_samples, tmp / name) for i, name in enumerate(names)]
+        if cfg.ensemble > 1:
+            write_json_atomic(tmp / ENSEMBLE_FILE, {"members": names, "bootstrap": cfg.bootstrap})
+        accs = [m["val_accuracy"] for m in members if m["val_accuracy"] is not None]
+        summary = {
+            "stage": "rm", "ensemble": cfg.ensemble, "pairs": len(train), "val_pairs": len(val),
+            "dropped_annotators": dropped_annotators,
+            "val_accuracy": sum(accs) / len(accs) if accs else None, "members": members,
+            "seconds": sum(m["seconds"] for m in members), "config": to_dict(cfg),
+        }
+        write_json_atomic(tmp / "stage.json", summary)
+    return summary
