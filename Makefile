@@ -17,6 +17,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/sft_vs_trl.py
+	$(BIN)/python benchmarks/rm_vs_trl.py
 
 install: $(STAMP)
 

@@ -97,13 +97,12 @@ def run_collect(cfg: CollectConfig) -> dict:
                 rows.append({"prompt": ex.prompt, **row, "pair_id": pair_id, "family": task.family,
                              "gold_chosen": judge(task, row["chosen"]).total,
                              "gold_rejected": judge(task, row["rejected"]).total})
+    ties = sum(v == "tie" for pair in verdicts.values() for v in pair.values())
     if not rows:
-        ties = sum(v == "tie" for pair in verdicts.values() for v in pair.values())
         raise ValueError(f"no preference rows: {identical} identical pairs, {empty} with an empty reply, {ties} "
                          "labelled tie; sample more diverse responses (generation.temperature, k) or more prompts")
     out = Path(cfg.out)
     write_jsonl_atomic(out, rows)
-    ties = sum(v == "tie" for pair in verdicts.values() for v in pair.values())
     stats = {"prompts": len(prompts), "responses": len(gens), "pairs_labelled": len(verdicts),
              "pairs": len({r["pair_id"] for r in rows}), "labels": len(rows), "ties": ties,
              "identical_pairs_skipped": identical, "empty_pairs_skipped": empty, "eos_rate": sum(g.ended for g in gens) / len(gens),
