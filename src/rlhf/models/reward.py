@@ -136,19 +136,23 @@ class RewardModel:
               max_length: int = 256, normalize: bool = False, per_member: bool = False) -> torch.Tensor:
         """Rewards of (prompt, response) pairs: (N,) mean, or (M, N) per member with per_member."""
         seqs = [encode_for_reward(self.tok, p, r, max_length, self.encoder) or [] for p, r in zip(prompts, responses)]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+        out = self.score_sequences(seqs, batch_size=batch_size)  # (M, N)
+        if normalize:
+            out = (out - self.means[:, None]) / self.stds[:, None]
+        return out if per_member else out.mean(dim=0)
+
+    @torch.no_grad()
+    def score_sequences(self, seqs: Sequence[Sequence[int]], *, batch_size: int = 64) -> torch.Tensor:
+        """Raw rewards (M, N) of already-encoded sequences, batched by length (less padding)."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = torch.zeros(len(self.members), len(seqs))  # (M, N)
         device = next(self.members[0].parameters()).device
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collate_sequences([seqs[i] for i in idx], self.tok.pad_token_id or 0)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            with torch.no_grad():
-                rewards = torch.stack([reward_forward(m, ids, mask) for m in self.members]).cpu()  # (M, b)
-            out[:, idx] = rewards
-        if normalize:
-            out = (out - self.means[:, None]) / self.stds[:, None]
-        return out if per_member else out.mean(dim=0)
+            out[:, idx] = torch.stack([reward_forward(m, ids, mask) for m in self.members]).cpu()  # (M, b)
+        return out
 
 
 def collate_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

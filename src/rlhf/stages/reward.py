@@ -23,7 +23,15 @@ from rlhf.data.io import DataError, PreferenceExample, load_preferences, load_pr
 from rlhf.evaluation.agreement import annotator_report, units_from_preferences
 from rlhf.fsutil import atomic_dir, write_json_atomic
 from rlhf.models.loading import apply_lora, load_causal_lm, save_model
-from rlhf.models.reward import ENSEMBLE_FILE, collate_sequences, encode_for_reward, is_encoder, load_reward_backbone, reward_forward
+from rlhf.models.reward import (
+    ENSEMBLE_FILE,
+    RewardModel,
+    collate_sequences,
+    encode_for_reward,
+    is_encoder,
+    load_reward_backbone,
+    reward_forward,
+)
 from rlhf.report.metrics import MetricsLogger
 from rlhf.training import fit, make_accelerator
 
@@ -159,17 +167,11 @@ def normalization_samples(cfg: RewardConfig, train: list[PreferenceExample]) -> 
     return [p for p, _ in samples], [r for _, r in samples]
 
 
-@torch.no_grad()
-def reward_stats(model, tok, prompts, responses, max_length: int, device) -> tuple[float, float]:
-    """Mean and std of the model's reward over (prompt, response) samples."""
-    model.eval()
-    encoder = is_encoder(model)
-    seqs = [s for s in (encode_for_reward(tok, p, r, max_length, encoder) for p, r in zip(prompts, responses)) if s]
-    rewards = []
-    for i in range(0, len(seqs), 64):
-        batch = collate_sequences(seqs[i : i + 64], tok.pad_token_id or 0)
-        rewards.append(reward_forward(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
-    r = torch.cat(rewards)
+def reward_stats(model, tok, prompts, responses, max_length: int) -> tuple[float, float]:
+    """Mean and std of the model's reward over (prompt, response) samples (those that fit max_length)."""
+    rm = RewardModel([model.eval()], tok)
+    seqs = [s for s in (encode_for_reward(tok, p, r, max_length, rm.encoder) for p, r in zip(prompts, responses)) if s]
+    r = rm.score_sequences(seqs)[0]  # (N,)
     std = r.std().item() if r.numel() > 1 else 0.0
     return r.mean().item(), max(std, 1e-6)
 
@@ -210,7 +212,7 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
                      validate=validate)
         final = validate(acc.unwrap_model(model)) if validate else {}
     model = acc.unwrap_model(model)
-    mean, std = reward_stats(model, tok, *norm_samples, cfg.data.max_length, acc.device)
+    mean, std = reward_stats(model, tok, *norm_samples, cfg.data.max_length)
     model.config.reward_mean, model.config.reward_std = mean, std  # read back by RewardModel (and PPO)
     save_model(model, tok, out, lora_save=cfg.lora.save)
     return {
