@@ -1,4 +1,4 @@
-"""End to end on configs/tiny.yaml: world -> pretrain -> SFT -> collect -> RM -> eval, through the CLI; resume skips."""
+"""End to end on configs/tiny.yaml: world -> pretrain -> SFT -> collect -> RM -> PPO -> eval -> report, through the CLI; resume skips."""
 
 import json
 from pathlib import Path
@@ -26,13 +26,17 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_pipeline_writes_every_stage(tiny_run):
     for name in ("world/world.json", "base/model.safetensors", "base/tokenizer.json", "sft/model.safetensors",
                  "prefs/train.jsonl", "prefs/train.stats.json", "prefs/heldout.jsonl", "rm/model.safetensors",
-                 "eval/rm.json", "eval/base.json", "eval/sft.json", "eval/sft.samples.jsonl", "summary.json"):
+                 "eval/rm.json", "eval/base.json", "eval/sft.json", "eval/sft.samples.jsonl", "ppo/model.safetensors",
+                 "ppo/metrics.jsonl", "ppo/stage.json", "eval/ppo.json", "eval/kl.json", "summary.json", "report.html"):
         assert (tiny_run / name).is_file(), name
     summary = json.loads((tiny_run / "summary.json").read_text())
-    assert set(summary["stages"]) == {"base", "sft"} and summary["stages"]["sft"]["win_rate"] == \
+    assert set(summary["stages"]) == {"base", "sft", "ppo"} and summary["stages"]["sft"]["win_rate"] == \
         json.loads((tiny_run / "eval" / "sft.json").read_text())["win_rate"]
+    ppo = summary["ppo"]
+    assert ppo["win_rate_vs_sft"] == summary["stages"]["ppo"]["win_rate"] and ppo["kl_target"] == 6.0
+    assert ppo["kl"] == json.loads((tiny_run / "eval" / "kl.json").read_text())["kl"] and ppo["kl"] > 0
     assert {"accuracy", "gold_accuracy", "per_family", "ece", "length_correlation", "annotators"} <= set(summary["rm"])
-    assert {"pretrain", "sft", "collect", "rm", "eval rm", "eval sft"} <= set(summary["time_seconds"])
+    assert {"pretrain", "sft", "collect", "rm", "ppo", "eval rm", "eval sft", "eval ppo"} <= set(summary["time_seconds"])
     sft = json.loads((tiny_run / "eval" / "sft.json").read_text())
     assert EVAL_KEYS <= set(sft) and 0 <= sft["win_rate"] <= 1
     assert set(sft["families"]) == {"arithmetic", "facts", "unknowable", "harmful", "scary_benign", "instructions"}
@@ -64,6 +68,18 @@ def test_sft_moved_the_weights_and_the_validation_loss(tiny_run):
     assert stage["val_loss"] < stage["initial_val_loss"]
     base, sft = load_file(str(tiny_run / "base" / "model.safetensors")), load_file(str(tiny_run / "sft" / "model.safetensors"))
     assert any(not torch.equal(base[k], sft[k]) for k in base)
+
+
+def test_ppo_stage_is_an_ordinary_model_folder_with_checkpoints(tiny_run):
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "ppo")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    stage = json.loads((tiny_run / "ppo" / "stage.json").read_text())
+    assert stage["iterations"] == 3 and stage["world"] is True
+    assert sorted(p.name for p in (tiny_run / "ppo").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    rows = [json.loads(line) for line in (tiny_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("objective/gold" in r for r in rows)
+    sft, ppo = load_file(str(tiny_run / "sft" / "model.safetensors")), load_file(str(tiny_run / "ppo" / "model.safetensors"))
+    assert any(not torch.equal(sft[k], ppo[k]) for k in sft)
 
 
 def test_second_run_skips_finished_stages(tiny_run, capsys):

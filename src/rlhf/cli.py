@@ -1,4 +1,4 @@
-"""`rlhf <command>`: world, pretrain, sft, collect, rm, eval, eval-rm, run.
+"""`rlhf <command>`: world, pretrain, sft, collect, rm, ppo, eval, eval-rm, run, report.
 
 Every training command takes ``--config FILE`` (a stage YAML, or a pipeline YAML whose section for
 the stage is used) and per-field overrides such as ``--train.lr 3e-4``. ``rlhf COMMAND --help``
@@ -18,6 +18,7 @@ from rlhf.config import (
     CollectConfig,
     EvalConfig,
     EvalRMConfig,
+    PPOConfig,
     PretrainConfig,
     RewardConfig,
     RunConfig,
@@ -103,6 +104,18 @@ def _cmd_rm(ns: argparse.Namespace) -> None:
     _print_result(run_rm(build_config(RewardConfig, ns, section="rm", whole=RunConfig)))
 
 
+def _cmd_ppo(ns: argparse.Namespace) -> None:
+    from rlhf.stages.ppo import run_ppo
+
+    _print_result(run_ppo(build_config(PPOConfig, ns, section="ppo", whole=RunConfig)))
+
+
+def _cmd_report(ns: argparse.Namespace) -> None:
+    from rlhf.report.html import build_report
+
+    print(build_report(ns.run_dir))
+
+
 def _cmd_eval_rm(ns: argparse.Namespace) -> None:
     from rlhf.evaluation.reward import run_eval_rm
 
@@ -122,7 +135,7 @@ def _cmd_run(ns: argparse.Namespace) -> None:
 
 
 def _print_result(result: dict) -> None:
-    shown = {k: v for k, v in result.items() if k not in ("config", "against")}
+    shown = {k: v for k, v in result.items() if k not in ("config", "against", "final")}
     print(json.dumps(shown, indent=2, default=str))
 
 
@@ -138,14 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("collect", "sample K responses per prompt from a policy and label the pairs with simulated annotators",
          CollectConfig, _cmd_collect),
         ("rm", "train a reward model (or an ensemble) on preference pairs", RewardConfig, _cmd_rm),
+        ("ppo", "PPO against a reward model with a KL penalty to the initial policy", PPOConfig, _cmd_ppo),
         ("eval", "generate on held-out prompts and score with the gold judge", EvalConfig, _cmd_eval),
         ("eval-rm", "evaluate a reward model on preference pairs: accuracy, gold accuracy, calibration, length bias, "
          "annotator agreement", EvalRMConfig, _cmd_eval_rm),
-        ("run", "the whole pipeline: world -> pretrain -> SFT -> collect -> RM -> eval", RunConfig, _cmd_run),
+        ("run", "the whole pipeline: world -> pretrain -> SFT -> collect -> RM -> PPO -> eval -> report", RunConfig, _cmd_run),
+        ("report", "rebuild RUN_DIR/report.html (curves, per-family scores, samples, configuration)", None, _cmd_report),
     ]
     for name, help_text, cls, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter if cls is None else argparse.HelpFormatter)
+        if cls is None:
+            p.add_argument("run_dir", help="run folder written by `rlhf run`")
+            p.set_defaults(fn=fn)
+            continue
         p.add_argument("--config", metavar="FILE", help="YAML config (a stage file, or a pipeline file such as configs/demo.yaml)")
         if name == "world":
             p.add_argument("--out", default="runs/world", help="output folder")

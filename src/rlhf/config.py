@@ -400,8 +400,132 @@ class EvalRMConfig:
 
 
 @dataclass
+class KLConfig:
+    """The KL penalty to the reference policy: fixed, or adapted towards a target (Ziegler et al. 2019)."""
+
+    coef: float = 0.05
+    """KL coefficient beta in the per-token reward -beta * KL_t; the starting value when adaptive."""
+    adaptive: bool = True
+    """Adapt beta so that the KL per sequence tracks `target` (proportional controller, error clipped to +-0.2)."""
+    target: float = 6.0
+    """Target KL per sequence (nats, summed over response tokens) for the adaptive controller."""
+    horizon: int = 10000
+    """Controller horizon in samples: how fast beta moves (beta *= 1 + error * batch / horizon per iteration)."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward: k1 = log p - log p_ref (unbiased, the standard), k2 = (k1)^2 / 2,
+    k3 = (ratio - 1) - log ratio with ratio = p_ref / p (unbiased and never negative; Schulman 2020)."""
+
+    def validate(self) -> None:
+        if self.coef < 0 or self.target <= 0 or self.horizon < 1:
+            raise ConfigError("kl: need coef >= 0, target > 0, horizon >= 1")
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3: PPO against the reward model with a KL penalty to the frozen initial policy."""
+
+    policy: str | None = None
+    """The causal LM folder to optimise (by default the SFT model); a frozen copy of it is the reference."""
+    reward_model: str | None = None
+    """Reward model folder, or an ensemble folder (scored as mean - ensemble_penalty * std)."""
+    prompts: str | None = None
+    """Prompt file (JSONL with 'prompt'); world prompts also get the gold score of each rollout logged."""
+    out: str | None = None
+    """Output folder: the final policy as an ordinary model folder, metrics.jsonl, checkpoint-N/ folders."""
+    n_prompts: int | None = None
+    """Use the first N prompts of the file (null: all)."""
+    critic: Literal["reward_model", "policy"] = "reward_model"
+    """Value model: a copy of the reward model with its head read at every token (the standard), or a
+    zero-initialised value head on the policy's own hidden states (one model less, shared features)."""
+    iterations: int = 100
+    """PPO iterations: each is one rollout of batch_size prompts and ppo_epochs passes over it."""
+    batch_size: int = 64
+    """Prompts per rollout (one response each)."""
+    mini_batch_size: int = 16
+    """Samples per optimiser step in the update; batch_size must be a multiple of it."""
+    ppo_epochs: int = 4
+    """Passes over each rollout, reshuffled into minibatches every pass."""
+    lr: float = 1e-5
+    """Policy learning rate (AdamW, constant after warmup)."""
+    critic_lr: float | None = None
+    """Critic learning rate (null: the same as lr)."""
+    warmup_iterations: int = 0
+    """Iterations of linear learning-rate warmup from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon: the policy loss is pessimistic outside [1 - eps, 1 + eps]."""
+    cliprange_value: float = 0.2
+    """Value clip: new values further than this from the rollout's values get the pessimistic loss."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (the critic has its own optimiser; this scales its gradient)."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight (0: off)."""
+    gamma: float = 1.0
+    """Discount (1 for language: the episode is one response)."""
+    lam: float = 0.95
+    """GAE lambda: bias/variance trade-off of the advantages."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the rollout's response tokens."""
+    approxkl_stop: float = 0.0
+    """Stop the update epochs early when a minibatch's approximate KL to the rollout policy exceeds this (0: off)."""
+    max_grad_norm: float = 1.0
+    """Clip each model's gradient norm to this value (0: no clipping)."""
+    normalize_reward: bool = True
+    """Normalise scores with the reward model's stored reward_mean/reward_std (measured on SFT samples)."""
+    missing_eos_score: float | None = -1.0
+    """Score given instead of the reward model's to a response that did not end within max_new_tokens
+    (null: keep the model's score)."""
+    reward_clip: float = 5.0
+    """Clip the (normalised) score to [-reward_clip, reward_clip] (0: off)."""
+    ensemble_penalty: float = 0.0
+    """With an ensemble reward model: score = mean - ensemble_penalty * std (a conservative reward)."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    ptx_coef: float = 0.0
+    """PPO-ptx (Ouyang et al. 2022): weight of a language-modelling loss on ptx_data mixed into each policy step."""
+    ptx_data: str | None = None
+    """SFT data (prompt/completion or messages) or a corpus of {"text"} rows for the PPO-ptx loss."""
+    ptx_batch_size: int = 8
+    """Sequences of ptx_data per policy step."""
+    ptx_max_length: int = 128
+    """Longest ptx sequence in tokens."""
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=48, batch_size=64)
+    )
+    save_every: int = 0
+    """Write a checkpoint every N iterations (0: only at the end); the last two are kept."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `out`."""
+    log_every: int = 1
+    """Write metrics every N iterations."""
+    seed: int = 0
+    """Seed for prompt order, sampling and minibatch shuffling (each iteration's randomness derives from it)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+    def validate(self) -> None:
+        for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "log_every", "ptx_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.mini_batch_size:
+            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
+                              f"({self.mini_batch_size})")
+        if not self.generation.do_sample:
+            raise ConfigError("ppo.generation.do_sample: PPO needs sampled rollouts (greedy decoding has no exploration "
+                              "and its log-probs are not those of the sampling distribution)")
+        if not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
+            raise ConfigError(f"ppo: need 0 <= lam <= 1 and 0 < gamma <= 1, got lam={self.lam}, gamma={self.gamma}")
+        if self.cliprange <= 0 or self.cliprange_value <= 0:
+            raise ConfigError("ppo.cliprange and ppo.cliprange_value must be > 0")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data (the SFT or pretraining data to mix in)")
+        if self.load.dtype != "float32" and not self.lora.enabled:
+            raise ConfigError(f"load.dtype={self.load.dtype!r} trains all weights in low precision; use float32 or enable lora")
+
+
+@dataclass
 class RunConfig:
-    """The whole pipeline (`rlhf run`): world -> pretrain -> SFT -> collect preferences -> reward model -> eval."""
+    """The whole pipeline (`rlhf run`): world -> pretrain -> SFT -> collect preferences -> reward model -> PPO -> eval -> report."""
 
     out: str = "runs/demo"
     """Run folder; each stage writes a subfolder and is skipped when its finished output exists."""
@@ -410,4 +534,5 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

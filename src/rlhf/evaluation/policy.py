@@ -10,11 +10,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf.config import EvalConfig, require
+import torch
+
+from rlhf.config import EvalConfig, GenerationConfig, ModelLoadConfig, require
+from rlhf.data.chat import encode_text, render_prompt
 from rlhf.data.io import load_prompts, write_jsonl_atomic
 from rlhf.fsutil import write_json_atomic
-from rlhf.models.generation import Generation, generate
+from rlhf.models.generation import Generation, eos_ids, generate, sample_responses
 from rlhf.models.loading import load_causal_lm
+from rlhf.models.policy import gather_logprobs, response_hidden, response_logits
 from rlhf.report.progress import progress_bar
 from rlhf.world import judge_prompt, prompt_set, summarise
 
@@ -74,3 +78,35 @@ def run_eval(cfg: EvalConfig) -> dict:
     write_json_atomic(out, result)
     write_jsonl_atomic(out.with_name(out.stem + ".samples.jsonl"), samples)
     return result
+
+
+def response_logprobs(model, sampled, temperature: float) -> torch.Tensor:
+    """log p of each sampled response token under ``model``: (B, A), 0 on padding."""
+    hidden = response_hidden(model, sampled.input_ids, sampled.attention_mask, sampled.n_prompt)  # (B, A, H)
+    return gather_logprobs(response_logits(model, hidden, temperature), sampled.responses) * sampled.mask
+
+
+@torch.no_grad()
+def kl_to_reference(model_dir: str, reference_dir: str, prompts: Sequence[dict], generation: GenerationConfig, *,
+                    seed: int = 0, load: ModelLoadConfig | None = None) -> dict:
+    """Mean KL per sequence of a policy to its reference on responses sampled from the policy.
+
+    KL(pi || pi_ref) per sequence = E_pi[sum_t log pi(y_t) - log pi_ref(y_t)], estimated by sampling with
+    the rollout settings (temperature, top-p) and summing k1 over response tokens: the quantity the
+    adaptive controller tracks during PPO, here on held-out prompts.
+    """
+    policy, tok = load_causal_lm(model_dir, load)
+    reference, _ = load_causal_lm(reference_dir, load)
+    policy.eval(), reference.eval()
+    stop = eos_ids(policy, tok)
+    encoded = [encode_text(tok, render_prompt(tok, p["prompt"])) for p in prompts]
+    torch.manual_seed(seed)
+    per_sequence = []
+    with progress_bar("kl", len(encoded)) as bar:
+        for start in range(0, len(encoded), generation.batch_size):
+            sampled = sample_responses(policy, tok, encoded[start : start + generation.batch_size], generation, stop)
+            kl = response_logprobs(policy, sampled, generation.temperature) - response_logprobs(reference, sampled, generation.temperature)
+            per_sequence += kl.sum(dim=1).tolist()  # (B,)
+            bar.update(advance=len(sampled.ended))
+    return {"kl": sum(per_sequence) / len(per_sequence), "n_prompts": len(per_sequence), "model": str(model_dir),
+            "reference": str(reference_dir), "temperature": generation.temperature}

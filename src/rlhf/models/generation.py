@@ -52,6 +52,63 @@ def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
+def sampling_kwargs(cfg: GenerationConfig) -> dict:
+    """``model.generate`` arguments for the config: pure temperature/top-p sampling (top_k off) or greedy."""
+    if cfg.do_sample:
+        return dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    return dict(do_sample=False)
+
+
+@torch.no_grad()
+def sample_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, batch: dict[str, torch.Tensor],
+                 cfg: GenerationConfig, stop: set[int], logits_processor=None) -> torch.Tensor:
+    """Responses (B, A) to left-padded prompts (B, P): KV cache on, sequences that stopped padded with pad."""
+    out = model.generate(
+        **batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop),
+        logits_processor=logits_processor, use_cache=True, **sampling_kwargs(cfg),
+    )  # (B, P + A)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def response_mask(responses: torch.Tensor, stop: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which response tokens are real: everything up to and including the first EOS.
+
+    responses: (B, A) -> (mask (B, A) of 0/1, ended (B,) bool). Tokens after the first EOS (the
+    padding generate adds to finished rows, or anything a custom stopping rule let through) are cut.
+    """
+    is_eos = torch.isin(responses, torch.tensor(sorted(stop), device=responses.device, dtype=responses.dtype))
+    before_or_at_first_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0  # (B, A)
+    return before_or_at_first_eos.long(), is_eos.any(dim=1)
+
+
+@dataclass
+class Sampled:
+    """Responses sampled for a batch of prompts, as tensors ready for scoring and log-probs."""
+
+    input_ids: torch.Tensor  # (B, T) prompt (left-padded) then response (right-padded with pad)
+    attention_mask: torch.Tensor  # (B, T) 1 on real prompt and response tokens
+    n_prompt: int  # P: response token a sits at position P + a
+    responses: torch.Tensor  # (B, A) response tokens, pad after the first EOS
+    mask: torch.Tensor  # (B, A) 1 up to and including the first EOS
+    ended: torch.Tensor  # (B,) the response ended with EOS
+
+
+@torch.no_grad()
+def sample_responses(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
+                     cfg: GenerationConfig, stop: set[int], logits_processor=None) -> Sampled:
+    """Sample one response per encoded prompt, in generation batches of cfg.batch_size, cut after the first EOS."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in pad_left(prompts, tok.pad_token_id).items()}  # (B, P)
+    chunks = [sample_batch(model, tok, {k: v[s : s + cfg.batch_size] for k, v in batch.items()}, cfg, stop, logits_processor)
+              for s in range(0, len(prompts), cfg.batch_size)]
+    width = max(c.shape[1] for c in chunks)
+    responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks])  # (B, A)
+    mask, ended = response_mask(responses, stop)
+    responses = responses.masked_fill(mask == 0, tok.pad_token_id)
+    return Sampled(torch.cat([batch["input_ids"], responses], dim=1), torch.cat([batch["attention_mask"], mask], dim=1),
+                   batch["input_ids"].shape[1], responses, mask, ended)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -75,12 +132,7 @@ def generate(
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
         batch = {k: v.to(device) for k, v in pad_left([encoded[i] for i in idx], tok.pad_token_id).items()}
-        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if cfg.do_sample else dict(do_sample=False)
-        out = model.generate(
-            **batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop),
-            logits_processor=logits_processor, **sampling,
-        )  # (B, P + A)
-        responses = out[:, batch["input_ids"].shape[1]:]  # (B, A)
+        responses = sample_batch(model, tok, batch, cfg, stop, logits_processor)  # (B, A)
         for row, i in enumerate(idx):
             ids, ended = truncate_at_eos(responses[row].tolist(), stop, tok.pad_token_id)
             results[i] = Generation(text=tok.decode(ids, skip_special_tokens=True).strip(), token_ids=ids, ended=ended)

@@ -1,4 +1,4 @@
-"""The whole pipeline, top to bottom: world -> pretrain -> SFT -> collect -> reward model -> eval.
+"""The whole pipeline, top to bottom: world -> pretrain -> SFT -> collect -> reward model -> PPO -> eval -> report.
 
 Each stage writes its own folder under the run folder and is skipped when that folder holds a
 finished output (every stage writes atomically, so a folder that exists is finished). Running the
@@ -18,10 +18,12 @@ from rich.table import Table
 
 from rlhf.config import EvalRMConfig, RunConfig
 from rlhf.configlib import to_dict
-from rlhf.evaluation.policy import run_eval
+from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import atomic_dir, stage_done, write_json_atomic
+from rlhf.report.html import build_report
 from rlhf.stages.collect import run_collect
+from rlhf.stages.ppo import run_ppo
 from rlhf.stages.pretrain import run_pretrain
 from rlhf.stages.reward import run_rm
 from rlhf.stages.sft import run_sft
@@ -71,6 +73,11 @@ def stage_configs(cfg: RunConfig) -> RunConfig:
     cfg.rm.model = cfg.rm.model or cfg.sft.out
     cfg.rm.data.path = cfg.rm.data.path or cfg.collect.out
     cfg.rm.out = cfg.rm.out or str(root / "rm")
+    cfg.ppo.policy = cfg.ppo.policy or cfg.sft.out
+    cfg.ppo.reward_model = cfg.ppo.reward_model or cfg.rm.out
+    cfg.ppo.prompts = cfg.ppo.prompts or str(world / "prompts_train.jsonl")
+    cfg.ppo.out = cfg.ppo.out or str(root / "ppo")
+    cfg.ppo.resume = True  # a run interrupted mid-PPO continues from its last checkpoint
     return cfg
 
 
@@ -101,15 +108,24 @@ def run_pipeline(cfg: RunConfig) -> dict:
     rm_eval = EvalRMConfig(model=cfg.rm.out, data=held.out, out=str(root / "eval" / "rm.json"),
                            max_length=cfg.rm.data.max_length, load=cfg.rm.load)
     _stage("eval rm", Path(rm_eval.out).is_file(), times, run_eval_rm, rm_eval)
+    _stage("ppo", stage_done(cfg.ppo.out) is not None, times, run_ppo, cfg.ppo)
     results = {}
-    for name, model, against in (("base", cfg.pretrain.out, None), ("sft", cfg.sft.out, cfg.pretrain.out)):
+    for name, model, against in (("base", cfg.pretrain.out, None), ("sft", cfg.sft.out, cfg.pretrain.out),
+                                 ("ppo", cfg.ppo.out, cfg.sft.out)):
         ev = copy.deepcopy(cfg.eval)
         ev.model, ev.against, ev.out = model, against, str(root / "eval" / f"{name}.json")
         _stage(f"eval {name}", Path(ev.out).is_file(), times, run_eval, ev)
         results[name] = json.loads(Path(ev.out).read_text())
-    summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "time_seconds": times}
+    kl_path = root / "eval" / "kl.json"
+    _stage("eval kl", kl_path.is_file(), times, lambda: write_json_atomic(kl_path, kl_to_reference(
+        cfg.ppo.out, cfg.ppo.policy, eval_prompts(cfg.eval), cfg.ppo.generation, seed=cfg.eval.seed, load=cfg.ppo.load)))
+    ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"], "kl": json.loads(kl_path.read_text())["kl"],
+           "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
+    summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "ppo": ppo, "time_seconds": times}
     write_json_atomic(summary_path, summary)
+    _stage("report", False, times, build_report, root)
     print_summary(summary)
+    console.print(f"report: {root / 'report.html'}")
     return summary
 
 
@@ -128,6 +144,11 @@ def print_summary(summary: dict) -> None:
     Console().print(table)
     rm = summary["rm"]
     flagged = rm.get("annotators", {}).get("flagged", [])
+    ppo = summary.get("ppo")
+    if ppo:
+        target = f" (target {_fmt(ppo['kl_target'])})" if ppo.get("kl_target") is not None else ""
+        Console().print(f"PPO: gold win rate over SFT {_fmt(ppo['win_rate_vs_sft'])}, KL to the SFT policy "
+                        f"{_fmt(ppo['kl'])} nats per response{target}")
     Console().print(f"reward model on {rm['n_pairs']} held-out pairs: accuracy {_fmt(rm['accuracy'])}, "
                     f"gold accuracy {_fmt(rm['gold_accuracy'])}, ECE {_fmt(rm['ece'])}, length correlation "
                     f"{_fmt(rm['length_correlation'])}; annotators flagged by agreement: {', '.join(flagged) or 'none'}")

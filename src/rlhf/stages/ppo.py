@@ -1,0 +1,518 @@
+"""Stage 3: PPO against the reward model, with a KL penalty to the frozen initial policy.
+
+One iteration is a rollout (steps 1-5) and an update (step 6), numbered as in OpenAI's
+lm-human-preferences and its reproduction by Huang et al. 2023 ("The N Implementation Details of
+RLHF with PPO"):
+
+  1. generate a response per prompt (left-padded prompts, KV cache, sampling), cut after the first EOS;
+  2. score (prompt, response) with the reward model at the last token; normalise; fixed score for
+     responses without EOS; clip;
+  3. log-probs of the policy and of the reference at the sampling temperature, in fp32, and the
+     critic's values;
+  4. per-token rewards: -kl_coef * KL_t on every token, the score on the last one, plus any extra
+     reward components registered with a weight;
+  5. advantages and returns with GAE, advantages whitened over the rollout;
+  6. ppo_epochs passes over shuffled minibatches: clipped policy loss, clipped value loss, optional
+     entropy bonus and PPO-ptx loss, gradient clipping; stop early when approximate KL passes a bound.
+
+The maths lives in :mod:`rlhf.algos.ppo`; this file holds the models, the loop, checkpoints and logs.
+Shapes: B rollout samples, P prompt tokens (left-padded), A response tokens (right-padded),
+T = P + A, V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from rlhf.algos.core import causal_lm_loss, masked_mean
+from rlhf.algos.ppo import (
+    compute_gae,
+    entropy_from_logits,
+    explained_variance,
+    kl_controller,
+    kl_penalty,
+    per_token_rewards,
+    ppo_policy_loss,
+    sequence_kl,
+    value_loss,
+    whiten,
+)
+from rlhf.config import PPOConfig, require
+from rlhf.configlib import ConfigError, to_dict
+from rlhf.data.chat import Encoded, encode_sft, encode_text, pad_right, render_prompt
+from rlhf.data.io import load_prompts, load_records, load_sft
+from rlhf.fsutil import atomic_dir, write_json_atomic
+from rlhf.models.generation import eos_ids, sample_responses
+from rlhf.models.loading import apply_lora, load_causal_lm, save_model
+from rlhf.models.policy import ValueHead, gather_logprobs, response_hidden, response_logits, unwrap
+from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders
+from rlhf.report.metrics import MetricsLogger
+from rlhf.report.progress import progress_bar
+from rlhf.world import judge_prompt, parse_prompt
+
+log = logging.getLogger("rlhf.ppo")
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+
+
+@dataclass
+class RewardComponent:
+    """An extra term of the sequence reward: ``weight * fn(prompts, responses)``, added to the RM score.
+
+    ``fn`` takes the prompt texts (the last user turn) and the response texts of a rollout and returns
+    one float per sample. The safety layer registers its safety, length and diversity terms here.
+    """
+
+    name: str
+    fn: Callable[[list[str], list[str]], Sequence[float]]
+    weight: float
+
+
+@dataclass
+class Rollout:
+    """One rollout batch (OpenRLHF's ``Experience``): everything the update needs, on one device."""
+
+    input_ids: torch.Tensor  # (B, T) prompt (left-padded) then response (right-padded)
+    attention_mask: torch.Tensor  # (B, T) 1 on real prompt and response tokens
+    n_prompt: int  # P: response token a sits at position P + a of the full sequence
+    response_mask: torch.Tensor  # (B, A) 1 up to and including the first EOS
+    logprobs: torch.Tensor  # (B, A) policy log-probs at sampling time (fp32, sampling temperature)
+    ref_logprobs: torch.Tensor  # (B, A) reference log-probs
+    values: torch.Tensor  # (B, A) critic values of the state before each response token
+    scores: torch.Tensor  # (B,) the sequence score that enters the reward (normalised, penalised, clipped)
+    rewards: torch.Tensor  # (B, A) per-token rewards
+    advantages: torch.Tensor  # (B, A) whitened GAE advantages
+    returns: torch.Tensor  # (B, A) GAE returns (the critic's targets)
+    prompts: list[str] = field(default_factory=list)  # last user turn of each prompt, for judges and logs
+    responses: list[str] = field(default_factory=list)  # decoded responses
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """Policy, reference, critic and reward model of a PPO run."""
+
+    policy: torch.nn.Module
+    tok: object
+    reference: torch.nn.Module | None  # None with LoRA: the policy with its adapters disabled is the reference
+    critic: torch.nn.Module | None  # a reward-model copy whose head reads every token; None with critic=policy
+    value_head: ValueHead | None  # the value head on the policy's hidden states with critic=policy
+    reward: RewardModel
+    same_tokenizer: bool  # the reward model reads the policy's tokens as they are
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
+               policy_hidden: torch.Tensor | None) -> torch.Tensor:
+        """Critic values (B, A) of the state before each response token."""
+        if self.value_head is not None:
+            return self.value_head(policy_hidden)
+        hidden = response_hidden(self.critic, input_ids, attention_mask, n_prompt)  # (B, A, H)
+        return unwrap(self.critic).score(hidden).squeeze(-1).float()
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]:
+        module = self.value_head if self.value_head is not None else self.critic
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def reference_hidden(self, input_ids, attention_mask, n_prompt) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The reference's response hidden states and the model whose head reads them."""
+        if self.reference is not None:
+            return self.reference, response_hidden(self.reference, input_ids, attention_mask, n_prompt)
+        with self.policy.disable_adapter():  # LoRA: base weights without adapters = the initial policy
+            return self.policy, response_hidden(self.policy, input_ids, attention_mask, n_prompt)
+
+
+def load_models(cfg: PPOConfig, device: torch.device) -> Models:
+    """Policy (optionally LoRA), reference, critic and reward model, dropout off, on ``device``."""
+    policy, tok = load_causal_lm(cfg.policy, cfg.load)
+    reference = None
+    if cfg.lora.enabled:
+        policy = apply_lora(policy, cfg.lora)
+    else:
+        reference, _ = load_causal_lm(cfg.policy, cfg.load)
+        reference.requires_grad_(False).eval()
+    reward = RewardModel.load(cfg.reward_model, cfg.load).to(device)
+    for m in reward.members:
+        m.requires_grad_(False)
+    same_tokenizer = not reward.encoder and reward.tok.get_vocab() == tok.get_vocab()
+    critic, value_head = None, None
+    if cfg.critic == "reward_model":
+        if reward.encoder or not same_tokenizer:
+            raise ConfigError("ppo.critic=reward_model needs a decoder reward model with the policy's tokenizer "
+                              "(its head is read at every response token); use --critic policy")
+        critic, _ = load_reward_backbone(member_folders(cfg.reward_model)[0], cfg.load)
+    else:
+        value_head = ValueHead(unwrap(policy).config.hidden_size)
+    for m in (policy, reference, critic, value_head):
+        if m is not None:
+            m.to(device)
+    policy.eval()  # dropout is off in any case; eval() also keeps layers like BatchNorm fixed
+    return Models(policy, tok, reference, critic, value_head, reward, same_tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and PPO-ptx data
+# ----------------------------------------------------------------------------------------------------
+
+
+class PromptStream:
+    """Prompts in a fresh seeded order every epoch; batch i is a pure function of (seed, i) for resume."""
+
+    def __init__(self, encoded: list[list[int]], texts: list[str], seed: int):
+        self.encoded, self.texts, self.seed = encoded, texts, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders[epoch] = torch.randperm(len(self.encoded), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return self._orders[epoch]
+
+    def batch(self, iteration: int, size: int) -> list[int]:
+        n = len(self.encoded)
+        return [self._order(i // n)[i % n] for i in range(iteration * size, (iteration + 1) * size)]
+
+
+def load_prompt_stream(cfg: PPOConfig, tok) -> tuple[PromptStream, bool]:
+    """Encoded prompts and whether they are assistant-world prompts (then the gold judge scores rollouts)."""
+    rows = list(load_prompts(cfg.prompts))[: cfg.n_prompts]
+    encoded = [encode_text(tok, render_prompt(tok, r.prompt)) for r in rows]
+    texts = [r.prompt[-1]["content"] for r in rows]
+    world = all(parse_prompt(t) is not None for t in texts[:50])
+    return PromptStream(encoded, texts, cfg.seed), world
+
+
+def load_ptx(cfg: PPOConfig, tok) -> list[Encoded]:
+    """PPO-ptx sequences: SFT rows (loss on the response) or {"text"} rows (loss on every token)."""
+    first = next(iter(load_records(cfg.ptx_data)))[1]
+    if "text" in first:
+        rows = [encode_text(tok, r["text"])[: cfg.ptx_max_length] for _, r in load_records(cfg.ptx_data)]
+        return [Encoded(input_ids=ids, labels=list(ids)) for ids in rows if len(ids) > 1]
+    encoded = [encode_sft(tok, ex.prompt, ex.completion, cfg.ptx_max_length) for ex in load_sft(cfg.ptx_data)]
+    return [e for e in encoded if e is not None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run: rollout (steps 1-5) and update (step 6)
+# ----------------------------------------------------------------------------------------------------
+
+
+class PPORun:
+    """The state of a PPO run: models, optimisers, KL controller, iteration counter.
+
+    ``step()`` runs one iteration and returns its metrics; ``run_ppo`` drives it with logging and
+    checkpoints. Benchmarks and tests call ``rollout``/``update`` directly.
+    """
+
+    def __init__(self, cfg: PPOConfig, components: Sequence[RewardComponent] = (), accelerator: Accelerator | None = None):
+        self.cfg, self.components = cfg, list(components)
+        self.component_means: dict[str, float] = {}  # reward/<name>: the latest rollout's mean of each extra term
+        self.acc = accelerator or Accelerator(mixed_precision="no")
+        self.device = self.acc.device
+        self.m = load_models(cfg, self.device)
+        self.prompts, self.world = load_prompt_stream(cfg, self.m.tok)
+        self.stop = eos_ids(unwrap(self.m.policy), self.m.tok)
+        self.ptx = load_ptx(cfg, self.m.tok) if cfg.ptx_coef > 0 else []
+        policy_params = [p for p in self.m.policy.parameters() if p.requires_grad]
+        self.policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-5)
+        self.critic_opt = torch.optim.AdamW(self.m.critic_parameters(), lr=cfg.critic_lr or cfg.lr,
+                                            weight_decay=cfg.weight_decay, eps=1e-5)
+        self.kl_ctl = kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
+        self.iteration = 0
+
+    # -- rollout ----------------------------------------------------------------------------------------
+
+    def _seed(self, salt: int) -> int:
+        """Randomness of iteration i derives from (seed, i): a resumed run draws what the original drew."""
+        return (self.cfg.seed * 1_000_003 + self.iteration * 7919 + salt) % (2**63)
+
+    @torch.no_grad()
+    def rollout(self) -> tuple[Rollout, dict[str, float]]:
+        cfg, m = self.cfg, self.m
+        idx = self.prompts.batch(self.iteration, cfg.batch_size)
+        torch.manual_seed(self._seed(0))
+
+        # 1. Generate: left-padded prompts, KV cache, sampling; everything after the first EOS is padding.
+        sampled = sample_responses(unwrap(m.policy), m.tok, [self.prompts.encoded[i] for i in idx], cfg.generation, self.stop)
+        input_ids, attention_mask, n_prompt = sampled.input_ids, sampled.attention_mask, sampled.n_prompt  # (B, T), (B, T), P
+        responses, mask, ended = sampled.responses, sampled.mask, sampled.ended  # (B, A), (B, A), (B,)
+        texts = [m.tok.decode(r[: int(n)], skip_special_tokens=True).strip() for r, n in zip(responses, mask.sum(1))]
+        prompts = [self.prompts.texts[i] for i in idx]
+
+        # 2. Score at the last token; normalise with the stored statistics; fixed score without EOS; clip.
+        rm_scores, scores = self._score(input_ids, attention_mask, prompts, texts, ended)  # (B,), (B,)
+
+        # 3. Log-probs of policy and reference (fp32, sampling temperature) and the critic's values.
+        t = cfg.generation.temperature
+        hidden = response_hidden(m.policy, input_ids, attention_mask, n_prompt)  # (B, A, H)
+        logits = response_logits(m.policy, hidden, t)  # (B, A, V)
+        logprobs = gather_logprobs(logits, responses) * mask
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+        del logits
+        ref_model, ref_hidden = m.reference_hidden(input_ids, attention_mask, n_prompt)
+        ref_logprobs = gather_logprobs(response_logits(ref_model, ref_hidden, t), responses) * mask
+        values = m.values(input_ids, attention_mask, n_prompt, hidden) * mask  # (B, A)
+
+        # 4. Per-token rewards: -kl_coef * KL_t everywhere, the score (plus extra components) on the last token.
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl.estimator) * mask  # (B, A)
+        rewards = per_token_rewards(scores, kl, self.kl_ctl.value, mask)
+
+        # 5. Advantages and returns (GAE), advantages whitened over the rollout's response tokens.
+        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        seq_kl = sequence_kl(logprobs - ref_logprobs, mask)  # (B,) k1 summed: the KL the controller tracks
+        ro = Rollout(input_ids, attention_mask, n_prompt, mask, logprobs, ref_logprobs, values, scores, rewards,
+                     advantages, returns, prompts, texts)
+        stats = {
+            "objective/scores": rm_scores.mean().item(),
+            "objective/rlhf_reward": (scores - self.kl_ctl.value * seq_kl).mean().item(),
+            "objective/kl": seq_kl.mean().item(),
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": entropy.item(),
+            "response/length": mask.sum(1).float().mean().item(),
+            "response/eos_rate": ended.float().mean().item(),
+            "val/explained_variance": explained_variance(values, returns, mask).item(),
+            **self.component_means,
+        }
+        if self.world:  # measured, never trained on: the truth to hold the proxy against
+            stats["objective/gold"] = sum(judge_prompt(p, r).total for p, r in zip(prompts, texts)) / len(texts)
+        return ro, stats
+
+    def _score(self, input_ids, attention_mask, prompts, texts, ended) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward-model score, sequence score used in the reward), both (B,)."""
+        cfg, rm = self.cfg, self.m.reward
+        if self.m.same_tokenizer:  # the RM reads exactly the tokens the policy wrote (the reward sits on EOS)
+            mean, std = rm(input_ids, attention_mask, normalize=cfg.normalize_reward)
+        else:
+            per_member = rm.score([[{"role": "user", "content": p}] for p in prompts], texts, per_member=True,
+                                  normalize=cfg.normalize_reward).to(self.device)  # (M, B)
+            mean, std = per_member.mean(0), per_member.std(0, unbiased=False)
+        rm_scores = mean - cfg.ensemble_penalty * std
+        scores = rm_scores.clone()
+        for c in self.components:
+            values = torch.tensor(list(c.fn(prompts, texts)), dtype=scores.dtype, device=scores.device)  # (B,)
+            self.component_means[f"reward/{c.name}"] = values.mean().item()
+            scores += c.weight * values
+        if cfg.missing_eos_score is not None:
+            scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_score))
+        if cfg.reward_clip:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return rm_scores, scores
+
+    # -- update -----------------------------------------------------------------------------------------
+
+    def update(self, ro: Rollout) -> dict[str, float]:
+        """6. ppo_epochs passes over shuffled minibatches; early stop on approximate KL."""
+        cfg, m = self.cfg, self.m
+        gen = torch.Generator().manual_seed(self._seed(1))
+        m.policy.train()
+        totals: dict[str, float] = {}
+        n_mb, stopped = 0, False
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.batch_size, generator=gen).to(self.device)
+            for start in range(0, cfg.batch_size, cfg.mini_batch_size):
+                stats = self._minibatch(ro, order[start : start + cfg.mini_batch_size])
+                n_mb += 1
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                if cfg.approxkl_stop and stats["policy/approxkl"] > cfg.approxkl_stop:
+                    stopped = True
+                    break
+            if stopped:
+                break
+        m.policy.eval()
+        out = {k: v / n_mb for k, v in totals.items()}
+        out["policy/epochs_done"] = n_mb / (cfg.batch_size // cfg.mini_batch_size)
+        return out
+
+    def _minibatch(self, ro: Rollout, idx: torch.Tensor) -> dict[str, float]:
+        cfg, m = self.cfg, self.m
+        ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
+        width = int(mask.sum(1).max())  # drop response columns that are padding for the whole minibatch
+        ids, am, mask = ids[:, : ro.n_prompt + width], am[:, : ro.n_prompt + width], mask[:, :width]
+        with self.acc.autocast():
+            hidden = response_hidden(m.policy, ids, am, ro.n_prompt)  # (b, a, H)
+            logits = response_logits(m.policy, hidden, cfg.generation.temperature)  # (b, a, V)
+            logprobs = gather_logprobs(logits, ids[:, ro.n_prompt :])
+            pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
+            values = m.values(ids, am, ro.n_prompt, hidden)
+            vf_loss, vf = value_loss(values, ro.values[idx, :width], ro.returns[idx, :width], mask, cfg.cliprange_value)
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+            ptx_loss = self._ptx_loss() if self.ptx else None
+            if ptx_loss is not None:
+                loss = loss + cfg.ptx_coef * ptx_loss
+        self.acc.backward(loss)
+        for opt, params in ((self.policy_opt, [p for p in m.policy.parameters() if p.requires_grad]),
+                            (self.critic_opt, m.critic_parameters())):
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        stats = {"policy/loss": pg_loss.item(), "policy/approxkl": pg["approxkl"].item(), "policy/clipfrac": pg["clipfrac"].item(),
+                 "policy/entropy": entropy.item(), "val/loss": vf_loss.item(), "val/clipfrac": vf["clipfrac"].item()}
+        if ptx_loss is not None:
+            stats["ptx/loss"] = ptx_loss.item()
+        return stats
+
+    def _ptx_loss(self) -> torch.Tensor:
+        """PPO-ptx: the language-modelling loss on a seeded batch of the ptx data."""
+        rng = random.Random(self._seed(2 + self.policy_opt_steps()))
+        rows = [self.ptx[rng.randrange(len(self.ptx))] for _ in range(self.cfg.ptx_batch_size)]
+        batch = {k: v.to(self.device) for k, v in pad_right(rows, self.m.tok.pad_token_id).items()}
+        logits = self.m.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return causal_lm_loss(logits, batch["labels"])[0]
+
+    def policy_opt_steps(self) -> int:
+        states = self.policy_opt.state.values()
+        return int(next(iter(states))["step"]) if states else 0
+
+    # -- one iteration ----------------------------------------------------------------------------------
+
+    def set_lr(self) -> float:
+        """Constant learning rate after a linear warmup of warmup_iterations."""
+        factor = min(1.0, (self.iteration + 1) / self.cfg.warmup_iterations) if self.cfg.warmup_iterations else 1.0
+        for opt, lr in ((self.policy_opt, self.cfg.lr), (self.critic_opt, self.cfg.critic_lr or self.cfg.lr)):
+            for g in opt.param_groups:
+                g["lr"] = lr * factor
+        return self.cfg.lr * factor
+
+    def step(self) -> tuple[dict[str, float], Rollout]:
+        """One PPO iteration: rollout, update, KL controller; returns the iteration's metrics."""
+        lr = self.set_lr()
+        t0 = time.perf_counter()
+        ro, stats = self.rollout()
+        t1 = time.perf_counter()
+        stats.update(self.update(ro))
+        t2 = time.perf_counter()
+        self.kl_ctl.update(stats["objective/kl"], self.cfg.batch_size)
+        self.iteration += 1
+        stats.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "lr": lr})
+        return stats, ro
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor: the policy's (all weights, or the adapters) and the critic's."""
+        state = {f"policy.{n}": p.detach().cpu().contiguous() for n, p in self.m.policy.named_parameters() if p.requires_grad}
+        module = self.m.value_head if self.m.value_head is not None else self.m.critic
+        state.update({f"critic.{n}": p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad})
+        return state
+
+    def save_checkpoint(self, out: Path) -> Path:
+        """Write checkpoint-N atomically (weights as safetensors, optimiser and RNG state as tensors); keep two."""
+        path = out / f"checkpoint-{self.iteration}"
+        with atomic_dir(path) as tmp:
+            save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
+            torch.save({"policy": self.policy_opt.state_dict(), "critic": self.critic_opt.state_dict()}, tmp / "optimizer.pt")
+            torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]))}, tmp / "rng.pt")
+            write_json_atomic(tmp / "state.json", {"iteration": self.iteration, "kl_controller": self.kl_ctl.state_dict()})
+        for old in sorted(checkpoints(out), key=checkpoint_step)[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_file(str(path / "trainable.safetensors"))
+        module = self.m.value_head if self.m.value_head is not None else self.m.critic
+        with torch.no_grad():
+            for prefix, mod in (("policy.", self.m.policy), ("critic.", module)):
+                params = dict(mod.named_parameters())
+                for name, tensor in state.items():
+                    if name.startswith(prefix):
+                        params[name[len(prefix):]].copy_(tensor)
+        opt = torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device)
+        self.policy_opt.load_state_dict(opt["policy"])
+        self.critic_opt.load_state_dict(opt["critic"])
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate((3, tuple(int(x) for x in rng["python"]), None))
+        meta = json.loads((path / "state.json").read_text())
+        self.iteration = int(meta["iteration"])
+        self.kl_ctl.load_state_dict(meta["kl_controller"])
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return [p for p in out.glob("checkpoint-*") if CHECKPOINT.search(p.name) and (p / "state.json").is_file()]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT.search(path.name).group(1))
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records after the checkpoint being resumed, so the log reads as one uninterrupted run."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def prepare_out(cfg: PPOConfig, run: PPORun) -> Path:
+    """Create or resume the output folder; a folder with checkpoints is never overwritten silently."""
+    out = Path(cfg.out)
+    found = checkpoints(out) if out.is_dir() else []
+    if found and not cfg.resume:
+        raise ConfigError(f"{out} already holds PPO checkpoints; pass --resume to continue, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if found:
+        last = max(found, key=checkpoint_step)
+        run.load_checkpoint(last)
+        log.info("resumed from %s (iteration %d)", last, run.iteration)
+    _truncate_metrics(out / "metrics.jsonl", run.iteration)
+    return out
+
+
+def save_final(run: PPORun, out: Path, summary: dict) -> None:
+    """The policy as an ordinary model folder (written to a temp folder, files moved in), then stage.json last."""
+    with atomic_dir(out / "final") as tmp:
+        save_model(run.m.policy, run.m.tok, tmp, lora_save=run.cfg.lora.save)
+    for f in (out / "final").iterdir():
+        os.replace(f, out / f.name)
+    (out / "final").rmdir()
+    write_json_atomic(out / "stage.json", summary)
+
+
+def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
+    """Optimise cfg.policy against cfg.reward_model on cfg.prompts; write cfg.out; return a summary."""
+    require(cfg, "policy", "reward_model", "prompts", "out", stage="ppo")
+    run = PPORun(cfg, components)
+    out = prepare_out(cfg, run)
+    start, first = time.perf_counter(), run.iteration
+    last: dict[str, float] = {}
+    log.info("PPO: %d iterations of %d prompts (%d minibatches x %d epochs); critic: %s; reference: %s",
+             cfg.iterations, cfg.batch_size, cfg.batch_size // cfg.mini_batch_size, cfg.ppo_epochs, cfg.critic,
+             "policy without adapters" if run.m.reference is None else "frozen copy")
+    with MetricsLogger(out) as logger, progress_bar("ppo", cfg.iterations) as bar:
+        bar.update(advance=first)
+        while run.iteration < cfg.iterations:
+            last, _ = run.step()
+            bar.update(score=last["objective/scores"], kl=last["objective/kl"], **(
+                {"gold": last["objective/gold"]} if "objective/gold" in last else {}))
+            if run.iteration % cfg.log_every == 0 or run.iteration == cfg.iterations:
+                logger.log(run.iteration, **last)
+            if cfg.save_every and run.iteration % cfg.save_every == 0 and run.iteration < cfg.iterations:
+                run.save_checkpoint(out)
+    if first < cfg.iterations or not checkpoints(out):
+        run.save_checkpoint(out)
+    summary = {"stage": "ppo", "iterations": run.iteration, "resumed_from": first or None,
+               "seconds": time.perf_counter() - start, "final": last, "kl_coef": run.kl_ctl.value,
+               "world": run.world, "config": to_dict(cfg)}
+    save_final(run, out, summary)
+    return summary

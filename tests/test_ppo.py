@@ -1,0 +1,160 @@
+"""The PPO stage on tiny models: log-prob consistency, learning a programmatic reward, LoRA, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.algos.core import position_ids_from_mask, token_logprobs
+from rlhf.config import PPOConfig
+from rlhf.configlib import ConfigError, from_dict
+from rlhf.models.loading import load_causal_lm
+from rlhf.models.reward import load_reward_backbone
+from rlhf.report.metrics import read_metrics
+from rlhf.models.policy import response_hidden
+from rlhf.stages.ppo import PPORun, RewardComponent, run_ppo
+
+PROMPTS = ["What is 3 + 4?", "Hello, Alice!", "List 3 fruits.", "The capital of France is", "A spider has"]
+
+
+@pytest.fixture(scope="module")
+def flat_rm(tiny_llama, tmp_path_factory) -> Path:
+    """A reward model whose head is zero: every response scores 0, so only the extra components count."""
+    path = tmp_path_factory.mktemp("flat_rm")
+    model, tok = load_reward_backbone(tiny_llama)
+    torch.nn.init.zeros_(model.score.weight)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
+    return path
+
+
+def ppo_config(policy, rm, prompts, out, **over) -> PPOConfig:
+    base = dict(policy=str(policy), reward_model=str(rm), prompts=str(prompts), out=str(out), iterations=4,
+                batch_size=8, mini_batch_size=4, ppo_epochs=2, lr=1e-3, missing_eos_score=None,
+                generation=dict(do_sample=True, max_new_tokens=8, batch_size=8), kl=dict(coef=0.01, adaptive=False))
+    for k, v in over.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return from_dict(PPOConfig, base)
+
+
+def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(tiny_llama, flat_rm, prompt_file, tmp_path):
+    run = PPORun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", generation={"temperature": 0.7}))
+    ro, _ = run.rollout()
+    # A fresh full forward of the unchanged policy, read the plain way: logits of every position, shifted.
+    model = run.m.policy
+    logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                   position_ids=position_ids_from_mask(ro.attention_mask)).logits  # (B, T, V)
+    labels = ro.input_ids.masked_fill(ro.attention_mask == 0, -100)
+    fresh = token_logprobs(logits, labels, temperature=0.7)[:, ro.n_prompt - 1 :] * ro.response_mask  # (B, A)
+    assert torch.allclose(fresh, ro.logprobs, atol=1e-5)
+    # The reference is a copy of the same weights: KL 0, and a first minibatch with ratio exactly 1.
+    assert torch.allclose(ro.ref_logprobs, ro.logprobs, atol=1e-6)
+    stats = run._minibatch(ro, torch.arange(4))
+    assert stats["policy/approxkl"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["policy/clipfrac"] == 0.0
+    # Responses are cut after the first EOS and the mask covers a prefix of each row.
+    m = ro.response_mask
+    assert ((m[:, 1:] <= m[:, :-1]).all())
+    assert (ro.input_ids[:, ro.n_prompt :][m == 0] == run.m.tok.pad_token_id).all()
+
+
+def lowercase_share(prompts: list[str], responses: list[str]) -> list[float]:
+    """The programmatic reward: the share of a response's characters that are ASCII lowercase letters."""
+    return [sum(c.isascii() and c.islower() for c in r) / max(len(r), 1) for r in responses]
+
+
+def test_ppo_raises_a_programmatic_reward_and_changes_the_weights(tiny_llama, flat_rm, prompt_file, tmp_path):
+    cfg = ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", iterations=24, batch_size=16,
+                     mini_batch_size=8, generation={"max_new_tokens": 6, "batch_size": 16})
+    summary = run_ppo(cfg, [RewardComponent("lowercase", lowercase_share, weight=1.0)])
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert len(rows) == 24 and summary["iterations"] == 24
+    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "policy/approxkl",
+                "policy/clipfrac", "policy/loss", "val/loss", "val/clipfrac", "val/explained_variance",
+                "response/length", "response/eos_rate", "time/rollout", "time/update", "lr"):
+        assert key in rows[-1], key
+    reward = [r["reward/lowercase"] for r in rows]
+    assert sum(reward[-4:]) / 4 > sum(reward[:4]) / 4 + 0.15
+    assert rows[-1]["objective/kl"] > 0
+    before = load_file(str(tiny_llama / "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "out" / "stage.json").read_text())["stage"] == "ppo"
+
+
+def test_lora_ppo_keeps_base_weights_and_has_no_reference_copy(tiny_llama, flat_rm, prompt_file, tmp_path):
+    cfg = ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", critic="policy", lr=1e-2,
+                     lora={"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]})
+    run = PPORun(cfg, [RewardComponent("lowercase", lowercase_share, weight=1.0)])
+    assert run.m.reference is None and run.m.critic is None  # one causal LM in memory: the policy
+    base = {n: p.detach().clone() for n, p in run.m.policy.named_parameters() if "lora_" not in n}
+    lora = {n: p.detach().clone() for n, p in run.m.policy.named_parameters() if "lora_" in n}
+    for _ in range(3):
+        _, ro = run.step()
+    assert all(torch.equal(p, base[n]) for n, p in run.m.policy.named_parameters() if n in base)
+    assert any(not torch.equal(p, lora[n]) for n, p in run.m.policy.named_parameters() if n in lora)
+    assert run.m.value_head.score.weight.abs().sum() > 0
+    # The reference (the policy with adapters disabled) is still the initial model, while the policy moved.
+    initial, _ = load_causal_lm(tiny_llama)
+    ids, mask, p = ro.input_ids, ro.attention_mask, ro.n_prompt
+    with torch.no_grad():
+        want = response_hidden(initial, ids, mask, p)
+        _, ref = run.m.reference_hidden(ids, mask, p)
+        now = response_hidden(run.m.policy, ids, mask, p)
+    assert torch.allclose(ref, want, atol=1e-5)
+    assert not torch.allclose(now, want, atol=1e-3)
+
+
+def test_out_with_checkpoints_needs_resume(tiny_llama, flat_rm, prompt_file, tmp_path):
+    cfg = ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", iterations=2)
+    run_ppo(cfg)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_ppo(cfg)
+
+
+def _ppo_cmd(policy, rm, prompts, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "rlhf.cli", "ppo", "--policy", str(policy), "--reward_model", str(rm),
+            "--prompts", str(prompts), "--out", str(out), "--iterations", "8", "--save_every", "2",
+            "--batch_size", "8", "--mini_batch_size", "4", "--lr", "1e-3", "--generation.max_new_tokens", "8",
+            "--generation.batch_size", "8", "--kl.coef", "0.05", "--kl.target", "0.5", "--kl.horizon", "50", *extra]
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_llama, flat_rm, prompt_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "a"), env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "b"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "checkpoint-4" / "state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "stage.json").exists()
+    resumed = subprocess.run(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "b", "--resume"), env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/loss", "val/loss"):
+        assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-4, abs=1e-6), key
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert json.loads((tmp_path / "b" / "stage.json").read_text())["resumed_from"] == 4
