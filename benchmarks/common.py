@@ -1,7 +1,7 @@
-"""Shared pieces of the ``*_vs_trl.py`` benchmarks (not a benchmark itself).
+"""Shared pieces of the benchmarks (``*_vs_trl.py``, ``ppo_iteration.py``; not a benchmark itself).
 
 Model shapes and building, the synthetic arithmetic texts, the per-side worker processes and their
-step clocks, step timing, the alternating repeats, the command-line options both scripts take, and
+step clocks, step timing, the repeats (rotating which side goes first), the command-line options the scripts share, and
 the result table. The scripts run as ``python benchmarks/NAME.py``, so their folder is first on
 ``sys.path`` and this module is imported as ``common``. Only the standard library is imported at the
 top: torch, transformers and rlhf are imported where they are used (the workers import them after
@@ -27,7 +27,8 @@ SIZES = {  # LlamaConfig shapes; parameter counts are computed and printed
     "1m": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=256),
     "15m": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=6, intermediate_size=1024),
 }
-HIDDEN_ARGS = ("worker", "model", "rows", "result")  # the parent passes these to its workers; not written to --out
+HIDDEN_ARGS = ("worker", "model", "rows", "result", "reward_model")  # parent -> worker only; not written to --out
+FIT_FLAGS = ("steps", "warmup", "batch_size", "max_length", "threads", "lr", "seed")  # options the fit benchmarks pass on
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,6 +55,13 @@ def qa(rng: random.Random) -> tuple[str, str]:
     """A question and its right answer, worked half of the time."""
     a, op, b, q, r = question(rng)
     return q, answer_text(a, op, b, r, rng.random() < 0.5)
+
+
+def cycle_sample(items: list, n: int, seed: int) -> list:
+    """n items of a user's data file: a seeded shuffle, repeated when the file is too short."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return (items * (n // len(items) + 1))[:n]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,13 +168,18 @@ def busy_cpu_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def run_worker(script: str, side: str, model_dir: Path, rows_path: Path, a: argparse.Namespace, tmp: Path) -> dict:
-    """One side in a fresh process (``script --worker side``). Also measures how busy the machine was with
-    other work meanwhile."""
+def forward_flags(a: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """``--name value`` for each option in ``names`` (underscores become dashes)."""
+    return [x for n in names for x in (f"--{n.replace('_', '-')}", str(getattr(a, n)))]
+
+
+def run_worker(script: str, side: str, model_dir: Path, rows_path: Path, a: argparse.Namespace, tmp: Path, *,
+               flags: tuple[str, ...] = FIT_FLAGS, extra: tuple[str, ...] = ()) -> dict:
+    """One side in a fresh process (``script --worker side`` plus the options ``flags`` and ``extra``). Also
+    measures how busy the machine was with other work meanwhile."""
     result = tmp / f"result_{side}.json"
     cmd = [sys.executable, os.path.abspath(script), "--worker", side, "--model", str(model_dir), "--rows", str(rows_path),
-           "--result", str(result), "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
-           "--max-length", str(a.max_length), "--threads", str(a.threads), "--lr", str(a.lr), "--seed", str(a.seed)]
+           "--result", str(result), *forward_flags(a, flags), *extra]
     busy0, ru0, t0 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     busy1, ru1, wall = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
@@ -183,25 +196,33 @@ def run_worker(script: str, side: str, model_dir: Path, rows_path: Path, a: argp
 
 
 def run_repeats(size: str, a: argparse.Namespace, run: Callable[[str], dict], key: str, unit: str,
-                fmt: str = ",.0f") -> dict[str, list[dict]]:
-    """``run(side)`` a.repeats times per side, alternating which side goes first; progress on stderr."""
-    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+                fmt: str = ",.0f", sides: tuple[str, ...] = ("ours", "trl")) -> dict[str, list[dict]]:
+    """``run(side)`` a.repeats times per side, rotating which side goes first (two sides: alternating);
+    progress on stderr."""
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    width = max(len(s) for s in sides)
     for r in range(a.repeats):
-        for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):  # alternate who goes first
+        k = r % len(sides)
+        for side in sides[k:] + sides[:k]:
             runs[side].append(run(side))
             last = runs[side][-1]
             load = "" if last["other_load"] is None else f"  (other load {last['other_load']:.2f} cores)"
-            print(f"  {size} repeat {r + 1}/{a.repeats} {side:4s}: {last[key]:>9{fmt}} {unit}{load}", file=sys.stderr)
+            print(f"  {size} repeat {r + 1}/{a.repeats} {side:{width}s}: {last[key]:>9{fmt}} {unit}{load}", file=sys.stderr)
     return runs
+
+
+def ratios(runs: dict[str, list[dict]], key: str, num: str, den: str) -> dict:
+    """Best ``num`` / best ``den`` (noise only ever slows a run down) and the ratio of their medians."""
+    best = {s: max(x[key] for x in runs[s]) for s in (num, den)}
+    med = {s: statistics.median(x[key] for x in runs[s]) for s in (num, den)}
+    return {"ratio": best[num] / best[den], "median_ratio": med[num] / med[den]}
 
 
 def compare(runs: dict[str, list[dict]], key: str) -> dict:
     """Best run per side (noise only ever slows a run down), their ratio, the ratio of the medians, all runs."""
     best = {s: max(x[key] for x in runs[s]) for s in runs}
-    med = {s: statistics.median(x[key] for x in runs[s]) for s in runs}
     return {
-        f"ours_{key}": best["ours"], f"trl_{key}": best["trl"], "ratio": best["ours"] / best["trl"],
-        "median_ratio": med["ours"] / med["trl"],
+        f"ours_{key}": best["ours"], f"trl_{key}": best["trl"], **ratios(runs, key, "ours", "trl"),
         "ours_runs": [x[key] for x in runs["ours"]], "trl_runs": [x[key] for x in runs["trl"]],
         "other_load": {s: [x["other_load"] for x in runs[s]] for s in runs},
     }
@@ -212,26 +233,39 @@ def compare(runs: dict[str, list[dict]], key: str) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def make_parser(doc: str, *, batch_help: str, data_help: str) -> argparse.ArgumentParser:
-    """The options every benchmark takes (plus the hidden ones the parent passes to its workers)."""
+def make_parser(doc: str, *, batch_help: str, data_help: str, sides: tuple[str, ...] = ("ours", "trl"),
+                steps_help: str = "optimiser steps per run (both sides)", fit_options: bool = True
+                ) -> argparse.ArgumentParser:
+    """The options every benchmark takes (plus the hidden ones the parent passes to its workers). ``fit_options``:
+    also --max-length and --lr (cosine schedule) of the supervised benchmarks."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1m,15m", help=f"comma-separated model sizes among {', '.join(SIZES)}")
-    p.add_argument("--steps", type=int, default=30, help="optimiser steps per run (both sides)")
+    p.add_argument("--steps", type=int, default=30, help=steps_help)
     p.add_argument("--warmup", type=int, default=3, help="leading steps excluded from the timing")
     p.add_argument("--batch-size", type=int, default=16, help=batch_help)
-    p.add_argument("--max-length", type=int, default=128, help="max tokens per sample (must truncate nothing)")
+    if fit_options:
+        p.add_argument("--max-length", type=int, default=128, help="max tokens per sample (must truncate nothing)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on both sides")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to 10%%, no warmup)")
+    if fit_options:
+        p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to 10%%, no warmup)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="runs per side, alternating which goes first; best is reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, rotating which side goes first; best is reported")
     p.add_argument("--data", default=None, help=data_help)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--verbose", action="store_true", help="show the workers' output (progress bars, warnings)")
-    p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=sides, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p
+
+
+def add_quick(p: argparse.ArgumentParser, quick: dict, argv=None) -> None:
+    """``--quick``: the defaults ``quick`` for a smoke run (options given explicitly still win)."""
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in quick.items()) + " unless given")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**quick)
 
 
 def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -270,7 +304,12 @@ def print_table(results: list[dict], a: argparse.Namespace, *, title: str, key: 
         print(f"{r['size']:>5} {r['params'] / 1e6:>7.2f}M {r['ours_' + key]:>{w_ours}{fmt}} {r['trl_' + key]:>{w_trl}{fmt}} "
               f"{r['ratio']:>6.2f} {r['median_ratio']:>12.2f}  {r['mean_loss']['ours']:>9.4f}/{r['mean_loss']['trl']:<9.4f}  {marks}")
     print(f"ratio = ours / TRL (higher is better for ours); {note}")
-    loads = [x for r in results for s in ("ours", "trl") for x in r["other_load"][s] if x is not None]
+    warn_other_load(results)
+
+
+def warn_other_load(results: list[dict]) -> None:
+    """A warning when other processes were busy during some runs (``other_load``: {side: [cores per run]})."""
+    loads = [x for r in results for runs in r["other_load"].values() for x in runs if x is not None]
     if loads and max(loads) > 0.25:
         print(f"warning: other processes used up to {max(loads):.2f} cores during some runs; numbers are noisy "
               "(see other_load in --out, or raise --repeats)")
