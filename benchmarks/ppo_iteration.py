@@ -146,7 +146,7 @@ def ours_settings(run) -> dict:
     import torch
 
     cfg, m = run.cfg, run.m
-    return {"param_dtype": str(next(m.policy.parameters()).dtype), "mixed_precision": run.acc.mixed_precision,
+    return {"param_dtype": str(next(m.policy.parameters()).dtype), "mixed_precision": "no",
             "attn_implementation": m.policy.config._attn_implementation,
             "gradient_checkpointing": checkpointing(m.policy), "reference_model": m.reference is not None,
             "critic": "reward-model copy" if m.critic is not None else "value head", "ppo_epochs": cfg.ppo_epochs,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 
 from rlhf.algos.core import causal_lm_loss, masked_mean
@@ -218,11 +218,11 @@ class PPORun:
     checkpoints. Benchmarks and tests call ``rollout``/``update`` directly.
     """
 
-    def __init__(self, cfg: PPOConfig, components: Sequence[RewardComponent] = (), accelerator: Accelerator | None = None):
+    def __init__(self, cfg: PPOConfig, components: Sequence[RewardComponent] = ()):
         self.cfg, self.components = cfg, list(components)
         self.component_means: dict[str, float] = {}  # reward/<name>: the latest rollout's mean of each extra term
-        self.acc = accelerator or Accelerator(mixed_precision="no")
-        self.device = self.acc.device
+        # The device from accelerate (CUDA when visible); PPO runs in fp32: log-prob ratios need the precision.
+        self.device = PartialState().device
         self.m = load_models(cfg, self.device)
         self.prompts, self.world = load_prompt_stream(cfg, self.m.tok)
         self.stop = eos_ids(unwrap(self.m.policy), self.m.tok)
@@ -346,19 +346,18 @@ class PPORun:
         ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
         width = int(mask.sum(1).max())  # drop response columns that are padding for the whole minibatch
         ids, am, mask = ids[:, : ro.n_prompt + width], am[:, : ro.n_prompt + width], mask[:, :width]
-        with self.acc.autocast():
-            hidden = response_hidden(m.policy, ids, am, ro.n_prompt)  # (b, a, H)
-            logits = response_logits(m.policy, hidden, cfg.generation.temperature)  # (b, a, V)
-            logprobs = gather_logprobs(logits, ids[:, ro.n_prompt :])
-            pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
-            values = m.values(ids, am, ro.n_prompt, hidden)
-            vf_loss, vf = value_loss(values, ro.values[idx, :width], ro.returns[idx, :width], mask, cfg.cliprange_value)
-            entropy = masked_mean(entropy_from_logits(logits), mask)
-            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-            ptx_loss = self._ptx_loss() if self.ptx else None
-            if ptx_loss is not None:
-                loss = loss + cfg.ptx_coef * ptx_loss
-        self.acc.backward(loss)
+        hidden = response_hidden(m.policy, ids, am, ro.n_prompt)  # (b, a, H)
+        logits = response_logits(m.policy, hidden, cfg.generation.temperature)  # (b, a, V)
+        logprobs = gather_logprobs(logits, ids[:, ro.n_prompt :])
+        pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
+        values = m.values(ids, am, ro.n_prompt, hidden)
+        vf_loss, vf = value_loss(values, ro.values[idx, :width], ro.returns[idx, :width], mask, cfg.cliprange_value)
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        ptx_loss = self._ptx_loss() if self.ptx else None
+        if ptx_loss is not None:
+            loss = loss + cfg.ptx_coef * ptx_loss
+        loss.backward()
         for opt, params in ((self.policy_opt, [p for p in m.policy.parameters() if p.requires_grad]),
                             (self.critic_opt, m.critic_parameters())):
             if cfg.max_grad_norm:
