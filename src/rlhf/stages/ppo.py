@@ -173,8 +173,9 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
 class PromptStream:
     """Prompts in a fresh seeded order every epoch; batch i is a pure function of (seed, i) for resume."""
 
-    def __init__(self, encoded: list[list[int]], texts: list[str], seed: int):
-        self.encoded, self.texts, self.seed = encoded, texts, seed
+    def __init__(self, encoded: list[list[int]], messages: list[list[dict]], seed: int):
+        self.encoded, self.messages, self.seed = encoded, messages, seed
+        self.texts = [m[-1]["content"] for m in messages]  # the last user turn: what judges and components read
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
@@ -191,9 +192,9 @@ def load_prompt_stream(cfg: PPOConfig, tok) -> tuple[PromptStream, bool]:
     """Encoded prompts and whether they are assistant-world prompts (then the gold judge scores rollouts)."""
     rows = list(load_prompts(cfg.prompts))[: cfg.n_prompts]
     encoded = [encode_text(tok, render_prompt(tok, r.prompt)) for r in rows]
-    texts = [r.prompt[-1]["content"] for r in rows]
-    world = all(parse_prompt(t) is not None for t in texts[:50])
-    return PromptStream(encoded, texts, cfg.seed), world
+    stream = PromptStream(encoded, [r.prompt for r in rows], cfg.seed)
+    world = all(parse_prompt(t) is not None for t in stream.texts[:50])
+    return stream, world
 
 
 def load_ptx(cfg: PPOConfig, tok) -> list[Encoded]:
@@ -220,7 +221,6 @@ class PPORun:
 
     def __init__(self, cfg: PPOConfig, components: Sequence[RewardComponent] = ()):
         self.cfg, self.components = cfg, list(components)
-        self.component_means: dict[str, float] = {}  # reward/<name>: the latest rollout's mean of each extra term
         # The device from accelerate (CUDA when visible); PPO runs in fp32: log-prob ratios need the precision.
         self.device = PartialState().device
         self.m = load_models(cfg, self.device)
@@ -254,7 +254,7 @@ class PPORun:
         prompts = [self.prompts.texts[i] for i in idx]
 
         # 2. Score at the last token; normalise with the stored statistics; fixed score without EOS; clip.
-        rm_scores, scores = self._score(input_ids, attention_mask, prompts, texts, ended)  # (B,), (B,)
+        rm_scores, scores, components = self._score(input_ids, attention_mask, idx, texts, ended)  # (B,), (B,), {}
 
         # 3. Log-probs of policy and reference (fp32, sampling temperature) and the critic's values.
         t = cfg.generation.temperature
@@ -288,32 +288,33 @@ class PPORun:
             "response/length": mask.sum(1).float().mean().item(),
             "response/eos_rate": ended.float().mean().item(),
             "val/explained_variance": explained_variance(values, returns, mask).item(),
-            **self.component_means,
+            **components,
         }
         if self.world:  # measured, never trained on: the truth to hold the proxy against
             stats["objective/gold"] = sum(judge_prompt(p, r).total for p, r in zip(prompts, texts)) / len(texts)
         return ro, stats
 
-    def _score(self, input_ids, attention_mask, prompts, texts, ended) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reward-model score, sequence score used in the reward), both (B,)."""
+    def _score(self, input_ids, attention_mask, idx, texts, ended) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(reward-model score, sequence score used in the reward), both (B,), and each extra component's mean."""
         cfg, rm = self.cfg, self.m.reward
         if self.m.same_tokenizer:  # the RM reads exactly the tokens the policy wrote (the reward sits on EOS)
             mean, std = rm(input_ids, attention_mask, normalize=cfg.normalize_reward)
         else:
-            per_member = rm.score([[{"role": "user", "content": p}] for p in prompts], texts, per_member=True,
+            per_member = rm.score([self.prompts.messages[i] for i in idx], texts, per_member=True,
                                   normalize=cfg.normalize_reward).to(self.device)  # (M, B)
             mean, std = per_member.mean(0), per_member.std(0, unbiased=False)
         rm_scores = mean - cfg.ensemble_penalty * std
-        scores = rm_scores.clone()
+        scores, means = rm_scores.clone(), {}
+        prompts = [self.prompts.texts[i] for i in idx]
         for c in self.components:
             values = torch.tensor(list(c.fn(prompts, texts)), dtype=scores.dtype, device=scores.device)  # (B,)
-            self.component_means[f"reward/{c.name}"] = values.mean().item()
+            means[f"reward/{c.name}"] = values.mean().item()
             scores += c.weight * values
         if cfg.missing_eos_score is not None:
             scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_score))
         if cfg.reward_clip:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        return rm_scores, scores
+        return rm_scores, scores, means
 
     # -- update -----------------------------------------------------------------------------------------
 
