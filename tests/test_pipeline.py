@@ -34,13 +34,46 @@ def test_pipeline_writes_every_stage(tiny_run):
         json.loads((tiny_run / "eval" / "sft.json").read_text())["win_rate"]
     ppo = summary["ppo"]
     assert ppo["win_rate_vs_sft"] == summary["stages"]["ppo"]["win_rate"] and ppo["kl_target"] == 6.0
-    assert ppo["kl"] == json.loads((tiny_run / "eval" / "kl.json").read_text())["kl"] and ppo["kl"] > 0
+    # A sampled k1 estimate: it can come out slightly negative for a policy that barely moved, but never 0.
+    assert ppo["kl"] == json.loads((tiny_run / "eval" / "kl.json").read_text())["kl"] and ppo["kl"] != 0
     assert {"accuracy", "gold_accuracy", "per_family", "ece", "length_correlation", "annotators"} <= set(summary["rm"])
     assert {"pretrain", "sft", "collect", "rm", "ppo", "eval rm", "eval sft", "eval ppo"} <= set(summary["time_seconds"])
     sft = json.loads((tiny_run / "eval" / "sft.json").read_text())
     assert EVAL_KEYS <= set(sft) and 0 <= sft["win_rate"] <= 1
     assert set(sft["families"]) == {"arithmetic", "facts", "unknowable", "harmful", "scary_benign", "instructions"}
     assert sum(f["n"] for f in sft["families"].values()) == sft["n_prompts"] == 36
+
+
+def test_pipeline_red_teams_and_measures_safety_diversity_and_capability(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    red = json.loads((tiny_run / "redteam" / "redteam.json").read_text())
+    assert set(red["by_strategy"]) == {"direct", "prefix_injection", "multi_turn"} and red["n"] == 13 * 3
+    assert summary["redteam"]["asr"] == red["asr"] and summary["redteam"]["against"]["asr"] == red["against"]["asr"]
+    assert red["against"]["model"].endswith("base")
+    ppo = summary["stages"]["ppo"]
+    assert {"diversity", "constitution", "rm_reward", "perplexity", "accuracy_by_family"} <= set(ppo)
+    assert ppo["constitution"]["constitution"] == "assistant-world" and ppo["perplexity"] > 1
+    tax = summary["alignment_tax"]
+    assert set(tax["stages"]) == {"base", "sft", "ppo"} and set(tax["change_vs_base"]) == {"sft", "ppo"}
+    rows = [json.loads(line) for line in (tiny_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/safety" in r and "diversity/self_bleu" in r for r in rows)
+    stage = json.loads((tiny_run / "ppo" / "stage.json").read_text())
+    assert "fired" in stage["hacking"] and "collapsed_iterations" in stage["collapse"]
+
+
+def test_experiments_reuse_the_run(tiny_run):
+    assert main(["experiment", "reward-hacking", "--config", TINY, "--out", str(tiny_run), "--iterations", "2"]) == 0
+    result = json.loads((tiny_run / "reward_hacking" / "reward_hacking.json").read_text())
+    prefs = (tiny_run / "reward_hacking" / "prefs_length_lover.jsonl").read_text().splitlines()
+    assert prefs and {json.loads(line)["annotator"] for line in prefs} == {"length_lover"} and result["pairs"] == len(prefs)
+    assert set(result["runs"]) == {"hacked", "length_penalty"}
+    penalised = [json.loads(line) for line in (tiny_run / "reward_hacking" / "ppo_length_penalty" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/length" in r and "reward/safety" not in r for r in penalised)
+    assert main(["experiment", "alignment-tax", "--config", TINY, "--out", str(tiny_run)]) == 0
+    tax = json.loads((tiny_run / "alignment_tax.json").read_text())
+    assert set(tax["stages"]) == {"base", "sft", "ppo", "ppo_ptx"}
+    ptx_rows = [json.loads(line) for line in (tiny_run / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ptx/loss"] > 0 for r in ptx_rows)
 
 
 def test_pretrained_base_is_an_ordinary_hf_folder(tiny_run):
@@ -94,6 +127,15 @@ def test_eval_against_itself_is_a_tie(tiny_run, tmp_path):
     result = run_eval(cfg)
     assert result["win_rate"] == 0.5  # greedy decoding: identical answers, every prompt a tie
     assert result["against"]["gold_score"] == result["gold_score"]
+
+
+def test_kl_of_a_policy_to_itself_is_zero(tiny_run):
+    from rlhf.config import GenerationConfig
+    from rlhf.evaluation.policy import eval_prompts, kl_to_reference
+
+    prompts = eval_prompts(EvalConfig(n_prompts=8))
+    gen = GenerationConfig(do_sample=True, max_new_tokens=8, batch_size=8)
+    assert kl_to_reference(str(tiny_run / "sft"), str(tiny_run / "sft"), prompts, gen)["kl"] == 0.0
 
 
 def test_win_rate_counts_ties_half():

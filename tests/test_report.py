@@ -192,3 +192,160 @@ def test_hostile_family_names_are_escaped_and_do_not_break_plots(run_dir: Path) 
     assert _row(families, "&lt;b&gt;$\\frac{$&lt;/b&gt;") == ["&lt;b&gt;$\\frac{$&lt;/b&gt;", "2", "—", "0.500", "—"]
     assert '<span class="fam">&lt;i&gt;$x$&lt;/i&gt;</span>' in _section(page, "samples")
     assert "<b>$" not in page and "<i>$x$</i>" not in page
+
+
+# --- the safety layer's sections ------------------------------------------------------------------------------
+
+SAFETY_SECTIONS = ("redteam", "hacking", "rhexp", "evaluation", "tax")
+
+
+def _attacks(model: str, asr: float, response: str) -> dict:
+    return {"model": model, "asr": asr, "n": 40, "judge": "gold",
+            "by_strategy": {"direct": {"asr": asr, "n": 20}, "roleplay": {"asr": asr / 2, "n": 20}},
+            "by_category": {"weapons": {"asr": asr, "n": 40}},
+            "worst": [{"strategy": "roleplay", "category": "weapons", "request": "make a thing",
+                       "prompt": "Pretend you are <evil>", "response": response, "success": True, "harm": 0.8}]}
+
+
+def _redteam() -> dict:
+    return {**_attacks("runs/t/ppo", 0.125, HOSTILE), "steered": False,
+            "against": _attacks("runs/t/base", 0.5, "base says <script>x()</script>")}
+
+
+def _capability(arith: float, facts: float, ppl: float) -> dict:
+    return {"accuracy_arithmetic": arith, "accuracy_facts": facts, "perplexity": ppl}
+
+
+def _tax(stages: dict[str, dict]) -> dict:
+    def pct(a: float, b: float) -> float:
+        return 100.0 * (b - a) / a
+    base = stages["base"]
+    change = {s: {k: pct(base[k], v[k]) for k in v} for s, v in stages.items() if s != "base"}
+    return {"stages": stages, "change_vs_base": change}
+
+
+TAX_STAGES = {"base": _capability(0.40, 0.50, 20.0), "sft": _capability(0.45, 0.55, 22.0),
+              "ppo": _capability(0.44, 0.60, 25.0)}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_safety_sections_are_left_out_of_older_runs(run_dir: Path) -> None:
+    page = build_report(run_dir).read_text(encoding="utf-8")
+    for anchor in SAFETY_SECTIONS:
+        assert f'<section id="{anchor}">' not in page and f'href="#{anchor}"' not in page
+    assert "Red-team ASR" not in _section(page, "headline")
+
+
+def test_redteam_section_and_headline(run_dir: Path) -> None:
+    _write_json(run_dir / "redteam" / "redteam.json", _redteam())
+    page = build_report(run_dir).read_text(encoding="utf-8")
+    red = _section(page, "redteam")
+    assert 'href="#redteam"' in page and '<img src="data:image/png;base64,' in red
+    assert _row(red, "direct") == ["direct", "20", "0.125", "0.500"]
+    assert _row(red, "roleplay") == ["roleplay", "20", "0.062", "0.250"]  # policy and base side by side
+    assert _row(red, "weapons") == ["weapons", "40", "0.125", "0.500"]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in red and "base says &lt;script&gt;x()&lt;/script&gt;" in red
+    assert "Pretend you are &lt;evil&gt;" in red
+    assert "<script" not in page.lower()
+    headline = _section(page, "headline")
+    assert "Red-team ASR (ppo)" in headline and "0.125" in headline and "vs 0.500 for base" in headline
+
+
+def _stage_json(fired: bool) -> dict:
+    detectors = {"verbosity": {"first_iteration": 4, "last_iteration": 9, "times_fired": 1, "last_value": 0.9,
+                               "threshold": 0.5, "last_message": "length up", "active": True}} if fired else {}
+    return {"hacking": {"fired": sorted(detectors), "detectors": detectors, "iterations": 10, "last": None,
+                        "thresholds": {"verbosity_growth": 0.5}},
+            "collapse": {"collapsed_iterations": [8, 9] if fired else [],
+                         "last": {"distinct_2": 0.12, "self_bleu": 0.93, "is_collapsed": fired,
+                                  "collapse_reasons": ["distinct-2 0.12 < 0.2"] if fired else []}}}
+
+
+def test_hacking_section_lists_alerts_escaped(run_dir: Path) -> None:
+    metrics = [{**r, "diversity/distinct_2": 0.5 - 0.03 * r["step"], "diversity/self_bleu": 0.6,
+                "diversity/similarity": 0.2, "hacking/alerts": float(r["step"] > 4), "reward/safety": -0.1}
+               for r in _metrics()]
+    _write_jsonl(run_dir / "ppo" / "metrics.jsonl", metrics)
+    _write_json(run_dir / "ppo" / "stage.json", _stage_json(fired=True))
+    _write_jsonl(run_dir / "ppo" / "alerts.jsonl", [{"detector": "verbosity", "iteration": 4,
+                                                     "message": f"length up {HOSTILE}", "value": 0.9,
+                                                     "threshold": 0.5}])
+    page = build_report(run_dir).read_text(encoding="utf-8")
+    hacking = _section(page, "hacking")
+    assert 'class="status bad"' in hacking and "verbosity" in hacking
+    assert _row(hacking, "4")[:2] == ["4", "verbosity"]
+    assert "length up &lt;script&gt;alert(1)&lt;/script&gt;" in hacking
+    assert "<script" not in page.lower()
+    assert "Mode collapse suspected at 2 iteration(s): 8, 9" in hacking
+    assert hacking.count('<img src="data:image/png;base64,') == 5  # 3 diversity curves, alerts, safety reward
+    assert _section(page, "curves").count('<img src="data:image/png;base64,') == 9  # the PPO grid is unchanged
+
+
+def test_hacking_section_is_green_when_nothing_fired(run_dir: Path) -> None:
+    _write_json(run_dir / "ppo" / "stage.json", _stage_json(fired=False))
+    hacking = _section(build_report(run_dir).read_text(encoding="utf-8"), "hacking")
+    assert '<p class="status ok">No reward-hacking detector fired over 10 PPO iterations.</p>' in hacking
+    assert "No rollout looked collapsed" in hacking and "status bad" not in hacking
+
+
+def test_policy_evaluation_section(run_dir: Path) -> None:
+    summary = _summary()
+    for i, stage in enumerate(("base", "sft", "ppo")):
+        summary["stages"][stage] |= {
+            "rm_reward": -0.5 + i, "perplexity": 20.0 + i,
+            "diversity": {"distinct_2": 0.5 - 0.1 * i, "self_bleu": 0.4, "mean_similarity": 0.3,
+                          "backend": "bag-of-words", "is_collapsed": i == 2, "collapse_reasons": []},
+            "constitution": {"constitution": "default", "violation_rate": 0.3 - 0.1 * i,
+                             "by_principle": {"no_harm": 3 - i, "<honest>": 1}}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    ev = _section(build_report(run_dir).read_text(encoding="utf-8"), "evaluation")
+    assert _row(ev, "RM reward ↑") == ["RM reward ↑", "-0.500", "0.500", "1.500"]
+    assert _row(ev, "held-out perplexity ↓") == ["held-out perplexity ↓", "20.00", "21.00", "22.00"]
+    assert _row(ev, "distinct-2 ↑") == ["distinct-2 ↑", "0.500", "0.400", "0.300"]
+    assert _row(ev, "collapsed?") == ["collapsed?", "no", "no", "yes"]
+    assert _row(ev, "constitution violation rate ↓")[1:] == ["0.300", "0.200", "0.100"]
+    assert _row(ev, "no_harm") == ["no_harm", "3", "2", "1"] and _row(ev, "&lt;honest&gt;")[1:] == ["1"] * 3
+
+
+def test_alignment_tax_shows_percent_change(run_dir: Path) -> None:
+    summary = _summary() | {"alignment_tax": _tax(TAX_STAGES)}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    page = build_report(run_dir).read_text(encoding="utf-8")
+    tax = _section(page, "tax")
+    assert "lower is better" in tax
+    # arithmetic 0.40 -> 0.44 is +10.0%, facts 0.50 -> 0.60 +20.0%, perplexity 20 -> 25 +25.0%
+    assert _row(tax, "PPO") == ["PPO", "0.440 (+10.0%)", "0.600 (+20.0%)", "25.000 (+25.0%)"]
+    assert _row(tax, "Base") == ["Base", "0.400", "0.500", "20.000"]
+    assert "PPO-ptx" not in tax
+    assert "+10.0%" in _section(page, "headline") and "+25.0%" in _section(page, "headline")
+    # the experiment's file wins over summary.json, and a change it lacks is computed from the stages
+    ptx = _tax({**TAX_STAGES, "ppo_ptx": _capability(0.48, 0.55, 21.0)})
+    del ptx["change_vs_base"]["ppo_ptx"]["perplexity"]
+    _write_json(run_dir / "alignment_tax.json", ptx)
+    tax = _section(build_report(run_dir).read_text(encoding="utf-8"), "tax")
+    assert _row(tax, "PPO-ptx") == ["PPO-ptx", "0.480 (+20.0%)", "0.550 (+10.0%)", "21.000 (+5.0%)"]
+
+
+def test_reward_hacking_experiment_section(run_dir: Path) -> None:
+    runs = {"hacked": {"proxy_start": 0.1, "proxy_end": 1.2, "gold_start": 0.7, "gold_end": 0.6, "length_start": 10,
+                       "length_end": 30.5, "heldout_gold": 0.62, "heldout_length": 29.0, "alerts": ["verbosity"]},
+            "length_penalty": {"proxy_start": 0.1, "proxy_end": 0.4, "gold_start": 0.7, "gold_end": 0.75,
+                               "length_start": 10, "length_end": 12, "heldout_gold": 0.74, "heldout_length": 12.0,
+                               "alerts": []}}
+    _write_json(run_dir / "reward_hacking" / "reward_hacking.json",
+                {"annotator": "length_lover", "runs": runs, "sft": {"heldout_gold": 0.7, "heldout_length": 11.0}})
+    exp = _section(build_report(run_dir).read_text(encoding="utf-8"), "rhexp")
+    assert _row(exp, "hacked") == ["hacked", "0.10 → 1.20", "0.700 → 0.600", "10.0 → 30.5", "0.620", "29.0",
+                                   "verbosity"]
+    assert _row(exp, "length_penalty")[-1] == "—" and _row(exp, "SFT (reference)")[4] == "0.700"
+
+
+def test_unreadable_safety_file_says_so(run_dir: Path) -> None:
+    (run_dir / "redteam").mkdir()
+    (run_dir / "redteam" / "redteam.json").write_text('{"asr": 0.1, ')
+    red = _section(build_report(run_dir).read_text(encoding="utf-8"), "redteam")
+    assert "redteam/redteam.json is unreadable" in red

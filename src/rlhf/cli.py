@@ -1,4 +1,4 @@
-"""`rlhf <command>`: world, pretrain, sft, collect, rm, ppo, eval, eval-rm, run, report.
+"""`rlhf <command>`: world, pretrain, sft, collect, rm, ppo, eval, eval-rm, redteam, annotate, run, report.
 
 Every training command takes ``--config FILE`` (a stage YAML, or a pipeline YAML whose section for
 the stage is used) and per-field overrides such as ``--train.lr 3e-4``. ``rlhf COMMAND --help``
@@ -20,6 +20,7 @@ from rlhf.config import (
     EvalRMConfig,
     PPOConfig,
     PretrainConfig,
+    RedteamConfig,
     RewardConfig,
     RunConfig,
     SFTConfig,
@@ -128,6 +129,32 @@ def _cmd_eval(ns: argparse.Namespace) -> None:
     _print_result(run_eval(build_config(EvalConfig, ns, section="eval", whole=RunConfig)))
 
 
+def _cmd_redteam(ns: argparse.Namespace) -> None:
+    from rlhf.safety.redteam import run_redteam
+
+    result = run_redteam(build_config(RedteamConfig, ns, section="redteam", whole=RunConfig))
+    _print_result({k: v for k, v in result.items() if k != "worst"})
+    if "against" in result:
+        print(f"asr: {result['asr']:.3f} vs {result['against']['asr']:.3f} ({result['against']['model']})")
+
+
+def _cmd_annotate(ns: argparse.Namespace) -> None:
+    from rlhf.feedback.cli import run_annotate
+
+    run_annotate(ns)
+
+
+def _cmd_experiment(ns: argparse.Namespace) -> None:
+    from rlhf.stages import experiments
+
+    cfg = build_config(RunConfig, ns)
+    if ns.experiment == "reward-hacking":
+        experiments.reward_hacking(cfg, length_weight=ns.length_weight, length_target=ns.length_target, kl_coef=ns.kl_coef,
+                                   iterations=ns.iterations, lr=ns.lr)
+    else:
+        experiments.ptx_alignment_tax(cfg, ptx_coef=ns.ptx_coef)
+
+
 def _cmd_run(ns: argparse.Namespace) -> None:
     from rlhf.stages.pipeline import run_pipeline
 
@@ -155,12 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "generate on held-out prompts and score with the gold judge", EvalConfig, _cmd_eval),
         ("eval-rm", "evaluate a reward model on preference pairs: accuracy, gold accuracy, calibration, length bias, "
          "annotator agreement", EvalRMConfig, _cmd_eval_rm),
+        ("redteam", "attack a model with harmful requests under jailbreak strategies; attack success rate by strategy "
+         "and category", RedteamConfig, _cmd_redteam),
+        ("annotate", "the human-feedback web app (serve, the default); `annotate export|add-user|users|stats` manage it",
+         None, _cmd_annotate),
         ("run", "the whole pipeline: world -> pretrain -> SFT -> collect -> RM -> PPO -> eval -> report", RunConfig, _cmd_run),
         ("report", "rebuild RUN_DIR/report.html (curves, per-family scores, samples, configuration)", None, _cmd_report),
     ]
     for name, help_text, cls, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter if cls is None else argparse.HelpFormatter)
+        if name == "annotate":  # its options and subcommands live with the app
+            from rlhf.feedback.cli import add_annotate_arguments
+
+            add_annotate_arguments(p)
+            p.set_defaults(fn=fn)
+            continue
         if cls is None:
             p.add_argument("run_dir", help="run folder written by `rlhf run`")
             p.set_defaults(fn=fn)
@@ -174,7 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
             j.add_argument("--json", action="store_true", help="also print the summary as JSON")
         add_arguments(p, cls)
         p.set_defaults(fn=fn)
+    _add_experiment(sub)
     return parser
+
+
+def _add_experiment(sub) -> None:
+    help_text = ("controlled experiments on a pipeline run: reward-hacking (RM on the length-biased annotator, PPO "
+                 "without and with the length penalty) and alignment-tax (PPO with and without PPO-ptx)")
+    p = sub.add_parser("experiment", help=help_text, description=help_text)
+    p.add_argument("experiment", choices=["reward-hacking", "alignment-tax"])
+    p.add_argument("--config", metavar="FILE", help="pipeline YAML (e.g. configs/demo.yaml); its stages run first when unfinished")
+    p.add_argument("--length_weight", type=float, default=1.0, help="reward-hacking: weight of the length penalty in the second run")
+    p.add_argument("--length_target", type=int, default=20, help="reward-hacking: words before the length penalty starts")
+    p.add_argument("--kl_coef", type=float, default=0.05, help="reward-hacking: fixed KL coefficient of both PPO runs")
+    p.add_argument("--iterations", type=int, default=120, help="reward-hacking: PPO iterations of both runs")
+    p.add_argument("--lr", type=float, default=5e-5, help="reward-hacking: PPO learning rate of both runs")
+    p.add_argument("--ptx_coef", type=float, default=1.0, help="alignment-tax: PPO-ptx loss weight")
+    add_arguments(p, RunConfig)
+    p.set_defaults(fn=_cmd_experiment)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -274,8 +274,74 @@ class EvalConfig:
     """Prompts to evaluate (balanced over families when generated)."""
     seed: int = 0
     """Seed for prompt generation and sampling."""
+    constitution: str | None = None
+    """Constitution YAML (or a packaged name: world, hhh): adds the violation rate per principle."""
+    steer: bool = False
+    """Generate with the constitution's logits processor (banned phrases cannot be written)."""
+    reward_model: str | None = None
+    """Reward model folder: adds the mean RM reward of the responses (the proxy beside the gold score)."""
+    redteam: bool = False
+    """Also attack the model with the world's red-team cases under every strategy (the summary goes in the JSON)."""
+    perplexity_text: str | None = None
+    """Held-out text (JSONL with "text", or SFT records) for perplexity, the capability side of the alignment tax;
+    null in the world: its held-out pretraining text."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+
+@dataclass
+class RedteamConfig:
+    """Red teaming (`rlhf redteam`): harmful requests times attack strategies, judged for compliance."""
+
+    model: str | None = None
+    """Model folder to attack."""
+    against: str | None = None
+    """A second model folder attacked with the same conversations (key `against` in the output)."""
+    out: str | None = None
+    """Output folder: redteam.json (and redteam.samples.jsonl)."""
+    cases: str | None = None
+    """Test cases (JSONL with `category` and `request`); null: the assistant world's harmful intents."""
+    strategies: list[str] = field(default_factory=list)
+    """Attack strategies by name (empty: all of direct, roleplay, hypothetical, prefix_injection, obfuscation,
+    instruction_override, multi_turn)."""
+    constitution: str | None = "world"
+    """Constitution (file or packaged name) that judges requests outside the world, and steers when `steer`."""
+    steer: bool = False
+    """Generate with the constitution's logits processor (the deployment-time guard)."""
+    repeats: int = 1
+    """Draws per case and strategy (wordings and typos are drawn at random)."""
+    seed: int = 0
+    """Seed for wordings, typos and sampling."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+
+@dataclass
+class SafetyConfig:
+    """PPO's safety and anti-hacking reward terms, added through its extra-reward hook."""
+
+    constitution: str | None = None
+    """Constitution YAML (or packaged name: world, hhh) whose violations are penalised (null: none)."""
+    safety_weight: float = 0.0
+    """Weight of the safety reward: minus the summed severity of violated principles."""
+    length_target: int = 30
+    """Words a response may use before the length penalty starts."""
+    length_weight: float = 0.0
+    """Weight of the length penalty (0 up to length_target words, then -excess/target, at most -1)."""
+    repetition_weight: float = 0.0
+    """Weight of the repetition penalty (minus the share of repeated word trigrams)."""
+    diversity_weight: float = 0.0
+    """Weight of the diversity bonus (1 minus a response's largest bigram overlap with the rest of its batch)."""
+    redteam_share: float = 0.0
+    """Share of PPO prompts that are red-team attacks: half on the world's training harmful intents, half the
+    same framings around its benign scary-word requests (training wordings only: evaluation wordings and
+    held-out requests stay unseen)."""
+
+    def validate(self) -> None:
+        if not 0 <= self.redteam_share < 1:
+            raise ConfigError(f"ppo.safety.redteam_share: must be in [0, 1), got {self.redteam_share}")
+        if self.safety_weight and not self.constitution:
+            raise ConfigError("ppo.safety.safety_weight > 0 needs ppo.safety.constitution")
 
 
 @dataclass
@@ -481,6 +547,7 @@ class PPOConfig:
     ensemble_penalty: float = 0.0
     """With an ensemble reward model: score = mean - ensemble_penalty * std (a conservative reward)."""
     kl: KLConfig = field(default_factory=KLConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     ptx_coef: float = 0.0
     """PPO-ptx (Ouyang et al. 2022): weight of a language-modelling loss on ptx_data mixed into each policy step."""
     ptx_data: str | None = None
@@ -536,3 +603,4 @@ class RunConfig:
     rm: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    redteam: RedteamConfig = field(default_factory=RedteamConfig)

@@ -15,10 +15,14 @@ import torch
 from rlhf.config import EvalConfig, GenerationConfig, ModelLoadConfig, require
 from rlhf.data.chat import encode_text, render_prompt
 from rlhf.data.io import load_prompts, write_jsonl_atomic
+from rlhf.evaluation.alignment_tax import load_texts, perplexity, world_heldout_text
+from rlhf.evaluation.diversity import Embedder, diversity_report
 from rlhf.fsutil import write_json_atomic
 from rlhf.models.generation import Generation, eos_ids, generate, sample_responses
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.policy import gather_logprobs, response_hidden, response_logits
+from rlhf.models.reward import RewardModel
+from rlhf.safety.constitution import resolve_constitution
 from rlhf.report.progress import progress_bar
 from rlhf.world import judge_prompt, prompt_set, summarise
 
@@ -34,16 +38,43 @@ def eval_prompts(cfg: EvalConfig) -> list[dict]:
             for r in prompt_set("heldout", cfg.n_prompts, cfg.seed)]
 
 
-def run_policy(model_dir: str, prompts: Sequence[dict], cfg: EvalConfig, desc: str) -> list[Generation]:
+def run_policy(model_dir: str, prompts: Sequence[dict], cfg: EvalConfig, desc: str) -> tuple[list[Generation], dict]:
+    """Responses of one model to the prompts, and its capability figures that need the model itself."""
     model, tok = load_causal_lm(model_dir, cfg.load)
+    processor = None
+    if cfg.steer:
+        from transformers import LogitsProcessorList
+
+        require(cfg, "constitution", stage="eval (steer)")
+        processor = LogitsProcessorList([resolve_constitution(cfg.constitution).logits_processor(tok)])
     with progress_bar(desc, len(prompts)) as bar:
-        return generate(model, tok, [p["prompt"] for p in prompts], cfg.generation, seed=cfg.seed, progress=bar)
+        gens = generate(model, tok, [p["prompt"] for p in prompts], cfg.generation, seed=cfg.seed,
+                        logits_processor=processor, progress=bar)
+    extra = {}
+    texts = load_texts(cfg.perplexity_text) if cfg.perplexity_text else world_heldout_text(cfg.seed) if not cfg.prompts else None
+    if texts:
+        extra["perplexity"] = perplexity(model, tok, texts)
+    return gens, extra
+
+
+def response_metrics(prompts: Sequence[dict], gens: Sequence[Generation], cfg: EvalConfig) -> dict:
+    """What any model's responses can be measured by: diversity, constitution violations, RM reward."""
+    texts = [g.text for g in gens]
+    out: dict = {"diversity": diversity_report(texts, Embedder())}
+    if cfg.constitution:
+        out["constitution"] = resolve_constitution(cfg.constitution).summarise([p["prompt"][-1]["content"] for p in prompts], texts)
+    if cfg.reward_model:
+        rm = RewardModel.load(cfg.reward_model, cfg.load)
+        out["rm_reward"] = rm.score([p["prompt"] for p in prompts], texts, normalize=rm.normalized).mean().item()
+    return out
 
 
 def score(prompts: Sequence[dict], gens: Sequence[Generation]) -> tuple[dict, list]:
     """Metrics of one policy's responses, and the per-sample judgements."""
     judgements = [judge_prompt(p["prompt"][-1]["content"], g.text) for p, g in zip(prompts, gens)]
     metrics = summarise(judgements)
+    checked = {f: [j for j in judgements if j.family == f] for f in ("arithmetic", "facts")}
+    metrics["accuracy_by_family"] = {f: sum(bool(j.correct) for j in js) / len(js) for f, js in checked.items() if js}
     metrics["mean_length"] = sum(len(g.token_ids) for g in gens) / max(len(gens), 1)
     metrics["eos_rate"] = sum(g.ended for g in gens) / max(len(gens), 1)
     return metrics, judgements
@@ -58,26 +89,41 @@ def win_rate(ours: Sequence, theirs: Sequence) -> float:
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate cfg.model (and cfg.against); write cfg.out (JSON) and a samples file beside it."""
     require(cfg, "model", "out", stage="eval")
+    if cfg.constitution:
+        resolve_constitution(cfg.constitution)  # a bad file fails now, not after generating
     prompts = eval_prompts(cfg)
-    gens = run_policy(cfg.model, prompts, cfg, "eval")
+    gens, capability = run_policy(cfg.model, prompts, cfg, "eval")
     metrics, judged = score(prompts, gens)
-    result = {"model": str(cfg.model), "n_prompts": len(prompts), **metrics}
+    result = {"model": str(cfg.model), "n_prompts": len(prompts), **metrics, **capability,
+              **response_metrics(prompts, gens, cfg)}
+    if cfg.redteam:
+        result["redteam"] = redteam_summary(cfg)
     samples = [
         {"prompt": p["prompt"][-1]["content"], "family": j.family, "response": g.text, "gold": j.total,
          "ended": g.ended, "reasons": list(j.reasons)}
         for p, g, j in zip(prompts, gens, judged)
     ]
     if cfg.against:
-        other_gens = run_policy(cfg.against, prompts, cfg, "eval ref")
+        other_gens, other_capability = run_policy(cfg.against, prompts, cfg, "eval ref")
         other_metrics, other_judged = score(prompts, other_gens)
         result["win_rate"] = win_rate(judged, other_judged)
-        result["against"] = {"model": str(cfg.against), **other_metrics}
+        result["against"] = {"model": str(cfg.against), **other_metrics, **other_capability}
         for s, g, j in zip(samples, other_gens, other_judged):
             s["against_response"], s["against_gold"] = g.text, j.total
     out = Path(cfg.out)
     write_json_atomic(out, result)
     write_jsonl_atomic(out.with_name(out.stem + ".samples.jsonl"), samples)
     return result
+
+
+def redteam_summary(cfg: EvalConfig) -> dict:
+    """The red team's headline (asr overall and per strategy) for cfg.model, with the eval's settings."""
+    from rlhf.safety.redteam import attack_model, build_attacks, strategies, summarise_attacks, world_test_cases
+
+    attacks = build_attacks(world_test_cases(), strategies(), seed=cfg.seed)
+    constitution = resolve_constitution(cfg.constitution) if cfg.constitution else None
+    summary = summarise_attacks(attacks, attack_model(cfg.model, attacks, cfg, constitution, "redteam"), constitution)
+    return {"asr": summary["asr"], "n": summary["n"], "by_strategy": {k: v["asr"] for k, v in summary["by_strategy"].items()}}
 
 
 def response_logprobs(model, sampled, temperature: float) -> torch.Tensor:

@@ -8,7 +8,10 @@ reader's browser. Fragments this module built itself are marked ``Html``; everyt
 through ``_e`` when it is put in the page.
 
 Any input may be missing (a run that has not reached PPO yet, a copied summary.json alone): its
-section then says what is missing instead of failing. Only a missing run folder is an error.
+section then says what is missing instead of failing. The safety layer's sections (red teaming, reward
+hacking and mode collapse, policy evaluation, alignment tax, the reward-hacking experiment) read files
+that runs made before them lack, so without their input they are left out, navigation link and all.
+Only a missing run folder is an error.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from rlhf.fsutil import write_text_atomic
 from rlhf.report.metrics import read_metrics
 
 STAGES = ("base", "sft", "ppo")
-STAGE_LABELS = {"base": "Base", "sft": "SFT", "ppo": "PPO"}
+STAGE_LABELS = {"base": "Base", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
 STAGE_COLORS = {"base": "#9aa0a6", "sft": "#4c78a8", "ppo": "#f58518"}
 PROXY_COLOR, GOLD_COLOR = "#4c78a8", "#d62728"
 
@@ -63,6 +66,33 @@ CURVES = (
     ("policy/loss", "Policy loss", "loss"),
     ("val/loss", "Value loss", "loss"),
 )
+# Curves of the safety layer, in its own section: the detectors' diversity figures and the extra reward components.
+SAFETY_CURVES = (
+    ("diversity/distinct_2", "Distinct-2 of each rollout", "share of distinct bigrams"),
+    ("diversity/self_bleu", "Self-BLEU of each rollout", "self-BLEU (higher = more alike)"),
+    ("diversity/similarity", "Mean pairwise similarity", "similarity (higher = more alike)"),
+    ("hacking/alerts", "Reward-hacking detectors fired so far", "detectors"),
+    ("reward/safety", "Safety reward (constitution)", "mean component"),
+    ("reward/length", "Length penalty", "mean component"),
+    ("reward/repetition", "Repetition penalty", "mean component"),
+    ("reward/diversity", "Diversity bonus", "mean component"),
+)
+# (path into an EVAL dict, label, better, decimals): the rows of "Policy evaluation"
+EVAL_ROWS = (
+    (("gold_score",), "gold score", 1, 3),
+    (("rm_reward",), "RM reward", 1, 3),
+    (("mean_length",), "mean length (tokens)", 0, 1),
+    (("perplexity",), "held-out perplexity", -1, 2),
+    (("diversity", "distinct_2"), "distinct-2", 1, 3),
+    (("diversity", "self_bleu"), "self-BLEU", -1, 3),
+    (("diversity", "mean_similarity"), "semantic similarity", -1, 3),
+    (("diversity", "is_collapsed"), "collapsed?", 0, 0),
+    (("constitution", "violation_rate"), "constitution violation rate", -1, 3),
+)
+EVAL_NEW_KEYS = ("rm_reward", "perplexity", "diversity", "constitution")  # an eval without any predates the section
+# (capability key, label, better): the columns of "Alignment tax"
+TAX_COLUMNS = (("accuracy_arithmetic", "arithmetic accuracy", 1), ("accuracy_facts", "facts accuracy", 1),
+               ("perplexity", "held-out perplexity", -1))
 MAX_SAMPLES = 24
 MAX_CHARS = 2000  # a runaway response is cut here so that one sample cannot swamp the page
 DPI = 110
@@ -111,6 +141,12 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
     samples: dict[str, list[dict]] = field(default_factory=dict)  # stage -> rows, same prompts in order
     config: Any = None
+    redteam: dict | None = None  # redteam/redteam.json
+    hacking: dict | None = None  # ppo/stage.json "hacking": the reward-hacking detectors' summary
+    collapse: dict | None = None  # ppo/stage.json "collapse": collapsed iterations and the last diversity figures
+    alerts: list[dict] | None = None  # ppo/alerts.jsonl, one row per detector firing; None when there is no file
+    tax: dict | None = None  # alignment_tax.json (an experiment, may add ppo_ptx), else summary.json alignment_tax
+    hacking_experiment: dict | None = None  # reward_hacking/reward_hacking.json
     problems: dict[str, str] = field(default_factory=dict)  # relative path -> "missing" / "unreadable: ..."
 
 
@@ -133,6 +169,23 @@ def _load(run: Run, rel: str, reader: Callable[[Path], Any], kind: type) -> Any:
         run.problems[rel] = f"not in the expected shape (a JSON {type(data).__name__})"
         return None
     return data
+
+
+def _optional(run: Run, rel: str, reader: Callable[[Path], Any] = _read_json, kind: type = dict) -> Any:
+    """Like ``_load`` for an input older runs lack: a missing file is no problem, just None."""
+    return _load(run, rel, reader, kind) if (run.root / rel).is_file() else None
+
+
+def _list(value: Any) -> list:
+    """``value`` when it is a list, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: Any, key: str | None = None) -> dict:
+    """``value[key]`` (or ``value``) when it is a dict, else an empty one: the shape check of every nested read."""
+    if key is not None:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else {}
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -159,7 +212,21 @@ def read_run(run_dir: str | Path) -> Run:
         if rows:
             run.samples[stage] = rows
     run.config = _load(run, "config.json", _read_json, dict)
+    _read_safety(run)
     return run
+
+
+def _read_safety(run: Run) -> None:
+    """The safety layer's inputs: red teaming, the PPO detectors, the alignment tax, the reward-hacking experiment."""
+    run.redteam = _optional(run, "redteam/redteam.json")
+    stage = _optional(run, "ppo/stage.json") or {}
+    run.hacking = stage.get("hacking") if isinstance(stage.get("hacking"), dict) else None
+    run.collapse = stage.get("collapse") if isinstance(stage.get("collapse"), dict) else None
+    run.alerts = _optional(run, "ppo/alerts.jsonl", read_jsonl, list)
+    tax = _optional(run, "alignment_tax.json")
+    tax = tax if isinstance(tax, dict) else run.summary.get("alignment_tax")
+    run.tax = tax if isinstance(tax, dict) and isinstance(tax.get("stages"), dict) else None
+    run.hacking_experiment = _optional(run, "reward_hacking/reward_hacking.json")
 
 
 # --- formatting ----------------------------------------------------------------------------------------------
@@ -222,6 +289,21 @@ def _best_cells(values: Sequence[float | None], better: int, digits: int) -> lis
         cells.append(Html(f'<b class="best">{text}</b>') if top is not None and v is not None and v * better == top
                      else text)
     return cells
+
+
+def _arrow(label: str, better: int) -> str:
+    """``gold score ↑``: a metric's label with the direction that is better (none for a neutral one)."""
+    return f"{label} {'↑' if better > 0 else '↓' if better < 0 else ''}".strip()
+
+
+def _model_name(model: Any) -> str:
+    """``ppo`` for ``runs/demo/ppo``: the last part of a model folder, as the tables and legends show it."""
+    return Path(str(model)).name if model else "?"
+
+
+def _status(text: str, level: str) -> Html:
+    """A coloured verdict line: ``ok`` (green), ``warn`` (amber) or ``bad`` (red)."""
+    return _tag("p", text, f"status {level}")
 
 
 def _titled(title: str, *parts: Any) -> Html:
@@ -310,7 +392,7 @@ def _curve_png(xs: list[float], ys: list[float], title: str, ylabel: str, hline:
 # --- sections --------------------------------------------------------------------------------------------------
 
 
-def _header(run: Run) -> Html:
+def _header(run: Run, nav: Sequence[tuple[str, str]]) -> Html:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     summary = run.root / "summary.json"
     finished = (datetime.datetime.fromtimestamp(summary.stat().st_mtime).astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -318,9 +400,9 @@ def _header(run: Run) -> Html:
     meta = [Html(f"run folder {_tag('code', run.root.resolve())}")]
     meta += [f"summary written {finished}"] if finished else []
     meta += [f"report generated {now}"]
-    nav = _join(Html(f'<a href="#{a}">{_e(t)}</a>') for a, t in SECTION_TITLES)
+    links = _join(Html(f'<a href="#{a}">{_e(t)}</a>') for a, t in nav)
     return Html(f'<header><h1>RLHF run report</h1><p class="meta">{Html(" · ").join(_e(m) for m in meta)}</p>'
-                f"<nav>{nav}</nav></header>")
+                f"<nav>{links}</nav></header>")
 
 
 def _headline_table(run: Run) -> Html:
@@ -330,7 +412,7 @@ def _headline_table(run: Run) -> Html:
         cells = _best_cells([run.evals[s].get(key) for s in stages], better, digits)
         if key == "win_rate":
             cells = [Html(c + _against(run.evals[s])) for c, s in zip(cells, stages)]
-        rows.append([f"{label} {'↑' if better > 0 else '↓' if better < 0 else ''}".strip(), *cells])
+        rows.append([_arrow(label, better), *cells])
     axes = {s: run.evals[s]["axes"] if isinstance(run.evals[s].get("axes"), dict) else {} for s in stages}
     for axis in AXES:
         values = [axes[s].get(axis) for s in stages]
@@ -347,7 +429,7 @@ def _against(ev: dict) -> Html:
     model = other.get("model") if isinstance(other, dict) else None
     if not model or ev.get("win_rate") is None:
         return Html("")
-    return Html(f'<span class="sub">vs {_e(Path(str(model)).name)}</span>')
+    return Html(f'<span class="sub">vs {_e(_model_name(model))}</span>')
 
 
 def _cards(items: Sequence[tuple[str, Any, str]]) -> Html:
@@ -358,19 +440,49 @@ def _cards(items: Sequence[tuple[str, Any, str]]) -> Html:
 
 def _headline(run: Run) -> Html:
     ppo = run.summary.get("ppo")
+    cards = []
     if isinstance(ppo, dict):
         target = ppo.get("kl_target")
-        top = Html('<div class="cards">') + _cards([
-            ("PPO win rate vs SFT", ppo.get("win_rate_vs_sft"), "gold judge, ties count half"),
-            ("KL to reference", ppo.get("kl"), "nats per sequence"),
-            ("KL target", target, "of the adaptive β controller" if target is not None else "none: fixed β"),
-        ]) + Html("</div>")
+        cards = [("PPO win rate vs SFT", ppo.get("win_rate_vs_sft"), "gold judge, ties count half"),
+                 ("KL to reference", ppo.get("kl"), "nats per sequence"),
+                 ("KL target", target, "of the adaptive β controller" if target is not None else "none: fixed β")]
+        top = Html("")
     else:
         top = _missing("PPO has not run: summary.json has no ppo entry, so there is no win rate vs SFT or KL.")
+    cards += _redteam_cards(run) + _tax_cards(run)
+    top = (Html('<div class="cards">') + _cards(cards) + Html("</div>") if cards else Html("")) + top
     table = _headline_table(run) if run.evals else _missing(
         "No policy evaluations: summary.json has no stages and eval/*.json are absent", "summary.json", run)
     table = _titled("Held-out evaluation (gold judge)", table)
     return _section("headline", "Headline", top, Html('<div class="row">') + table + _times(run) + Html("</div>"))
+
+
+def _redteam_cards(run: Run) -> list[tuple[str, Any, str]]:
+    """The red team's attack success rate of the final policy, from redteam.json or else summary.json."""
+    red = run.redteam if run.redteam is not None else _dict(run.summary, "redteam")
+    asr = _num(red.get("asr"))
+    if asr is None:
+        return []
+    other = _dict(red, "against")
+    note = (f"vs {_fmt(_num(other['asr']))} for {_model_name(other.get('model'))}" if _num(other.get("asr")) is not None
+            else "attacks that made the policy comply")
+    return [(f"Red-team ASR ({_model_name(red.get('model'))})", asr, note + "; lower is better")]
+
+
+def _tax_cards(run: Run) -> list[tuple[str, Any, str]]:
+    """The alignment tax of the final policy: the % change of each capability figure against the first stage."""
+    base, stages, change = _tax_parts(run.tax)
+    final = "ppo" if "ppo" in change else next(reversed(change), None)
+    if final is None:
+        return []
+    cards = []
+    for key, label, better in TAX_COLUMNS:
+        pct = _num(_dict(change, final).get(key))
+        if pct is not None:
+            before, after = _dict(stages, base).get(key), _dict(stages, final).get(key)
+            note = f"{_fmt(_num(before))} → {_fmt(_num(after))}; {'higher' if better > 0 else 'lower'} is better"
+            cards.append((f"{label}, {_stage_label(final)} vs {_stage_label(base)}", f"{pct:+.1f}%", note))
+    return cards
 
 
 def _times(run: Run) -> Html:
@@ -392,18 +504,24 @@ def _curves(run: Run) -> Html:
                         _missing("No PPO training curves: the PPO stage has not run here", "ppo/metrics.jsonl", run))
     ppo = run.summary.get("ppo")
     target = _num(ppo.get("kl_target")) if isinstance(ppo, dict) else None
-    plots, absent = [], []
-    for key, title, ylabel in CURVES:
-        xs, ys = _series(run.metrics, key)
-        if ys:
-            plots.append(_curve_png(xs, ys, title, ylabel, target if key == "objective/kl" else None))
-        else:
-            absent.append(key)
+    grid, absent = _curve_grid(run.metrics, CURVES, {"objective/kl": target})
     note = (f"{len(run.metrics)} logged steps. Thin lines are raw values, thick lines an exponential moving "
             "average.")
     note += f" Not logged: {', '.join(absent)}." if absent else ""
-    grid = Html(f'<div class="grid">{_join(plots)}</div>')
     return _section("curves", "Training curves", _tag("p", note, "note"), grid)
+
+
+def _curve_grid(metrics: list[dict], curves: Iterable[tuple[str, str, str]],
+                hlines: dict[str, float | None] | None = None) -> tuple[Html, list[str]]:
+    """A grid of one plot per (key, title, y label) that ``metrics`` logs, and the keys it does not log."""
+    plots, absent = [], []
+    for key, title, ylabel in curves:
+        xs, ys = _series(metrics, key)
+        if ys:
+            plots.append(_curve_png(xs, ys, title, ylabel, (hlines or {}).get(key)))
+        else:
+            absent.append(key)
+    return Html(f'<div class="grid">{_join(plots)}</div>'), absent
 
 
 def _binned(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -494,21 +612,29 @@ def _family_scores(run: Run) -> tuple[list[str], list[str], dict[str, dict[str, 
     return stages, _families_of(fams[s] for s in stages), fams
 
 
-def _families_png(stages: list[str], families: list[str], fams: dict[str, dict[str, dict]]) -> Html:
+def _bars_png(groups: list[str], series: Sequence[tuple[str, str, Sequence[Any]]], ylabel: str, alt: str) -> Html:
+    """Grouped bars: one group per name in ``groups``, one bar per (label, colour, values) series; None draws 0."""
     def draw(fig: Any) -> None:
         ax = fig.add_subplot()
-        width = 0.8 / len(stages)
-        for i, s in enumerate(stages):
-            ys = [_num(fams[s].get(f, {}).get("gold_score")) for f in families]
-            xs = [j + (i - (len(stages) - 1) / 2) * width for j in range(len(families))]
-            ax.bar(xs, [y if y is not None else 0.0 for y in ys], width * 0.95, color=STAGE_COLORS[s],
-                   label=STAGE_LABELS[s])
-        ax.set_xticks(range(len(families)), families, rotation=15 if len(families) > 5 else 0)
-        ax.set(ylabel="mean gold score")
+        width = 0.8 / len(series)
+        for i, (label, color, values) in enumerate(series):
+            ys = [_num(v) for v in values]
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+            ax.bar(xs, [y if y is not None else 0.0 for y in ys], width * 0.95, color=color, label=label)
+        crowded = sum(len(g) for g in groups) > 60  # ~characters that fit under the axis side by side
+        ax.set_xticks(range(len(groups)), groups, rotation=30 if crowded else 15 if len(groups) > 5 else 0,
+                      ha="right" if crowded else "center", rotation_mode="anchor")
+        ax.set(ylabel=ylabel)
         ax.grid(axis="x", visible=False)
         fig.legend(loc="outside right upper")
 
-    return _png(draw, "gold score per prompt family and stage", size=(7.5, 3.2))
+    return _png(draw, alt, size=(7.5, 3.2))
+
+
+def _families_png(stages: list[str], families: list[str], fams: dict[str, dict[str, dict]]) -> Html:
+    series = [(STAGE_LABELS[s], STAGE_COLORS[s], [fams[s].get(f, {}).get("gold_score") for f in families])
+              for s in stages]
+    return _bars_png(families, series, "mean gold score", "gold score per prompt family and stage")
 
 
 def _families(run: Run) -> Html:
@@ -635,6 +761,246 @@ def _sample_card(run: Run, stages: list[str], i: int) -> Html:
                 f'<div class="resps" style="grid-template-columns:repeat({len(stages)},1fr)">{cells}</div></div>')
 
 
+# --- the safety layer: red teaming, reward hacking and mode collapse, policy evaluation, alignment tax ------------
+
+
+def _rates(result: dict, key: str) -> dict[str, dict]:
+    """``by_strategy`` / ``by_category`` of a red-team result: name -> {"asr", "n"}."""
+    return {str(k): v for k, v in _dict(result, key).items() if isinstance(v, dict)}
+
+
+def _redteam_table(red: dict, other: dict, key: str, what: str) -> tuple[list[str], Html]:
+    """(names, table) of success rates per ``key`` entry: the policy's and the comparison model's side by side."""
+    mine, theirs = _rates(red, key), _rates(other, key)
+    names = _families_of([mine, theirs])
+    models = [red] + ([other] if other else [])
+    rows = [[n, _fmt((mine.get(n) or theirs.get(n) or {}).get("n")),
+             *_best_cells([_rates(m, key).get(n, {}).get("asr") for m in models], -1, 3)] for n in names]
+    head = [what, "attacks", *(f"ASR ↓ {_model_name(m.get('model'))}" for m in models)]
+    return names, _table(head, rows, "num")
+
+
+def _attack_cards(result: dict, limit: int = 5) -> Html:
+    """The ``limit`` most harmful successful attacks on one model: prompt and response (untrusted, escaped, cut)."""
+    worst = [w for w in _list(result.get("worst")) if isinstance(w, dict)][:limit]
+    if not worst:
+        return _status("No attack succeeded.", "ok")
+    return _join(Html('<div class="sample"><div class="prompt">')
+                 + _tag("span", f"{w.get('strategy')} · {w.get('category')}", "fam")
+                 + _tag("div", _clip(w.get("prompt")), "text")
+                 + Html('</div><div class="resp"><div class="head">')
+                 + f"response · harm {_fmt(_num(w.get('harm')), 2)}" + Html("</div>")
+                 + _tag("div", _clip(w.get("response")), "text") + Html("</div></div>") for w in worst)
+
+
+def _redteam_verdict(red: dict, other: dict) -> Html:
+    asr, ref = _num(red.get("asr")), _num(other.get("asr"))
+    text = (f"Attack success rate of the final policy ({_model_name(red.get('model'))}): {_fmt(asr)} over "
+            f"{_fmt(red.get('n'))} attacks")
+    text += (f", against {_fmt(ref)} for the comparison model ({_model_name(other.get('model'))})."
+             if ref is not None else ".")
+    text += f" Success is judged by the {red.get('judge', '?')} judge"
+    text += "; the policy's decoding was steered by the constitution." if red.get("steered") else "."
+    # green only when no attack got through; amber when fewer did than on the comparison model; red otherwise
+    level = "ok" if asr == 0 else "warn" if ref is not None and asr is not None and asr < ref else "bad"
+    return _status(text, level)
+
+
+def _redteam(run: Run) -> Html:
+    title = "Red teaming"
+    red = run.redteam
+    if red is None:
+        return _optional_missing(run, "redteam", title, "redteam/redteam.json")
+    other = _dict(red, "against")
+    strategies, by_strategy = _redteam_table(red, other, "by_strategy", "strategy")
+    models = [("policy", STAGE_COLORS["ppo"], red)] + ([("comparison", STAGE_COLORS["base"], other)] if other else [])
+    series = [(f"{_model_name(m.get('model'))} ({role})", color, [_rates(m, "by_strategy").get(s, {}).get("asr")
+                                                                 for s in strategies]) for role, color, m in models]
+    plot = (_bars_png(strategies, series, "attack success rate", "attack success rate per strategy") if strategies
+            else Html(""))
+    worst = _join(_titled(f"Worst successful attacks on {_model_name(m.get('model'))} ({role})", _attack_cards(m))
+                  for role, _, m in models)
+    return _section("redteam", title, _redteam_verdict(red, other), plot,
+                    Html('<div class="row">') + _titled("By strategy", by_strategy)
+                    + _titled("By category", _redteam_table(red, other, "by_category", "category")[1]) + Html("</div>"),
+                    Html(f'<div class="pair">{worst}</div>'))
+
+
+def _optional_missing(run: Run, anchor: str, title: str, rels: str | Sequence[str]) -> Html:
+    """Nothing for an input the run predates; a note when a file is there but could not be read."""
+    bad = [r for r in ([rels] if isinstance(rels, str) else rels) if r in run.problems]
+    return _section(anchor, title, _missing(f"No {title.lower()}", bad, run)) if bad else Html("")
+
+
+def _alert_list(run: Run) -> Html:
+    """Green when no detector fired; else red (one still firing at the end) or amber, with every alert listed."""
+    detectors = {str(k): v for k, v in _dict(run.hacking, "detectors").items() if isinstance(v, dict)}
+    alerts = run.alerts or []
+    fired = _families_of([_list(_dict(run.hacking).get("fired")), detectors, [a.get("detector") for a in alerts]])
+    iterations = _dict(run.hacking).get("iterations")
+    over = f" over {_fmt(iterations)} PPO iterations" if iterations is not None else ""
+    if not fired:
+        return _status(f"No reward-hacking detector fired{over}.", "ok")
+    active = [d for d in fired if detectors.get(d, {}).get("active")]
+    text = f"{len(fired)} reward-hacking detector(s) fired{over}: {', '.join(fired)}."
+    text += f" Still firing at the last iteration: {', '.join(active)}." if active else " None is firing at the end."
+    if alerts:
+        rows = [[_fmt(a.get("iteration")), Html("<b>") + _fmt(a.get("detector")) + Html("</b>"), _fmt(a.get("message")),
+                 _fmt(_num(a.get("value"))), _fmt(_num(a.get("threshold")))] for a in alerts]
+        head = ["iteration", "detector", "message", "value", "threshold"]
+    else:  # a run whose alerts.jsonl is gone: the summary in stage.json still says when each detector fired
+        rows = [[Html("<b>") + d + Html("</b>"), _fmt(detectors.get(d, {}).get("first_iteration")),
+                 _fmt(detectors.get(d, {}).get("last_iteration")), _fmt(detectors.get(d, {}).get("times_fired")),
+                 _fmt(detectors.get(d, {}).get("last_message"))] for d in fired]
+        head = ["detector", "first iteration", "last iteration", "times fired", "last message"]
+    return _status(text, "bad" if active else "warn") + _table(head, rows, "alerts")
+
+
+def _collapse_status(run: Run) -> Html:
+    if run.collapse is None:
+        return Html("")
+    collapsed = [i for i in _list(run.collapse.get("collapsed_iterations")) if _num(i) is not None]
+    last = _dict(run.collapse, "last")
+    figures = [[k, _fmt(v)] for k, v in last.items() if _num(v) is not None]  # counts stay integers
+    table = _titled("Diversity of the last rollout", _table(["metric", "value"], figures, "num")) if figures else ""
+    if not collapsed:
+        return _status("No rollout looked collapsed (distinct n-grams, self-BLEU and similarity within bounds).",
+                       "ok") + table
+    shown = ", ".join(_fmt(i) for i in collapsed[:30]) + (", …" if len(collapsed) > 30 else "")
+    reasons = [str(r) for r in _list(last.get("collapse_reasons"))]
+    text = f"Mode collapse suspected at {len(collapsed)} iteration(s): {shown}."
+    text += f" Last rollout: {'; '.join(reasons)}." if reasons else ""
+    return _status(text, "warn") + table
+
+
+def _hacking(run: Run) -> Html:
+    title = "Reward hacking and mode collapse"
+    known = [key for key, _, _ in SAFETY_CURVES]
+    extra = _families_of([[k for k in r if k.startswith("reward/") and k not in known] for r in run.metrics])
+    curves = list(SAFETY_CURVES) + [(k, f"Reward component {k[len('reward/'):]}", "mean value") for k in extra]
+    logged = any(_series(run.metrics, k)[1] for k, _, _ in curves)
+    if run.hacking is None and run.collapse is None and run.alerts is None and not logged:
+        return _optional_missing(run, "hacking", title, ["ppo/stage.json", "ppo/alerts.jsonl"])
+    status = _alert_list(run) if run.hacking is not None or run.alerts is not None else Html("")
+    grid = _curve_grid(run.metrics, curves)[0] if logged else Html("")
+    thresholds = _dict(run.hacking, "thresholds")
+    details = (Html("<details><summary>detector thresholds</summary>")
+               + _tag("pre", json.dumps(thresholds, indent=2)) + Html("</details>")) if thresholds else ""
+    note = ("Detectors watch each PPO rollout for the signatures of reward hacking (the proxy reward rising while "
+            "length, repetition or disagreement with the gold judge grows) and for collapsing diversity; they are "
+            "measured, never trained on.")
+    return _section("hacking", title, _tag("p", note, "note"), status, _collapse_status(run), grid, details)
+
+
+def _dig(ev: dict, path: tuple[str, ...]) -> Any:
+    """``ev[path[0]][path[1]]...``, or None where a level is absent or not a dict."""
+    for key in path:
+        ev = ev.get(key) if isinstance(ev, dict) else None
+    return ev
+
+
+def _policy_eval(run: Run) -> Html:
+    title = "Policy evaluation"
+    stages = [s for s in STAGES if s in run.evals and any(k in run.evals[s] for k in EVAL_NEW_KEYS)]
+    if not stages:
+        return Html("")
+    evals = [run.evals[s] for s in stages]
+    rows = []
+    for path, label, better, digits in EVAL_ROWS:
+        values = [_dig(ev, path) for ev in evals]
+        if any(v is not None for v in values):
+            rows.append([_arrow(label, better), *_best_cells(values, better, digits)])
+    backends = _families_of([[b for ev in evals if (b := _dig(ev, ("diversity", "backend")))]])
+    reasons = [f"{STAGE_LABELS[s]}: {'; '.join(map(str, _dig(ev, ('diversity', 'collapse_reasons'))))}"
+               for s, ev in zip(stages, evals) if _dig(ev, ("diversity", "collapse_reasons"))]
+    note = f"Semantic similarity on the {', '.join(backends)} backend." if backends else ""
+    note += f" Collapse signals: {' · '.join(reasons)}." if reasons else ""
+    parts = [_table(["metric", *(STAGE_LABELS[s] for s in stages)], rows, "num"), _tag("p", note.strip(), "note")]
+    return _section("evaluation", title, *parts, _violations(stages, evals))
+
+
+def _violations(stages: list[str], evals: list[dict]) -> Html:
+    """Constitution violations per principle and stage (counts over the held-out responses; fewer is better)."""
+    per = [_dict(_dig(ev, ("constitution",)), "by_principle") for ev in evals]
+    principles = _families_of(per)
+    if not principles:
+        return Html("")
+    names = _families_of([[c for ev in evals if (c := _dig(ev, ("constitution", "constitution")))]])
+    rows = [[p, *_best_cells([d.get(p) for d in per], -1, 0)] for p in principles]
+    title = "Constitution violations per principle" + (f" ({', '.join(names)})" if names else "")
+    return _titled(title, _table(["principle", *(f"{STAGE_LABELS[s]} ↓" for s in stages)], rows, "num"))
+
+
+def _stage_label(stage: str) -> str:
+    return STAGE_LABELS.get(stage, stage)
+
+
+def _tax_parts(tax: dict | None) -> tuple[str, dict, dict[str, dict]]:
+    """(first stage, stage -> capability, stage -> key -> % change vs the first); a change not stored is computed."""
+    stages = {str(k): v for k, v in _dict(tax, "stages").items() if isinstance(v, dict)}
+    key = next((k for k in _dict(tax) if str(k).startswith("change_vs_")), None)
+    base = key[len("change_vs_"):] if key else next(iter(stages), "base")
+    stored, before = _dict(tax, key) if key else {}, _dict(stages, base)
+    change = {}
+    for s, cap in stages.items():
+        if s != base:
+            pct = {k: _num(_dict(stored, s).get(k)) for k, _, _ in TAX_COLUMNS}
+            change[s] = {k: _pct_change(_num(before.get(k)), _num(cap.get(k))) if v is None else v
+                         for k, v in pct.items()}
+    return base, stages, change
+
+
+def _pct_change(before: float | None, after: float | None) -> float | None:
+    """As ``rlhf.evaluation.alignment_tax.pct_change``, which is not imported: that module imports torch."""
+    return None if before is None or after is None or before == 0 else 100.0 * (after - before) / before
+
+
+def _tax_cell(value: Any, pct: float | None, better: int) -> Html:
+    """``0.450 (+12.5%)``, the change green when it is for the better and red when for the worse."""
+    cell = _e(_fmt(_num(value)))
+    if pct is None:
+        return cell
+    cls = "up" if pct * better > 0 else "down" if pct * better < 0 else "pct"
+    return cell + Html(f' <span class="{cls}">') + f"({pct:+.1f}%)" + Html("</span>")
+
+
+def _alignment_tax(run: Run) -> Html:
+    title = "Alignment tax"
+    base, stages, change = _tax_parts(run.tax)
+    if not stages:
+        return _optional_missing(run, "tax", title, "alignment_tax.json")
+    rows = [[_stage_label(s), *(_tax_cell(cap.get(k), change.get(s, {}).get(k), b) for k, _, b in TAX_COLUMNS)]
+            for s, cap in stages.items()]
+    head = ["stage", *(f"{_arrow(label, b)} ({'higher' if b > 0 else 'lower'} is better)"
+                       for _, label, b in TAX_COLUMNS)]
+    source = "alignment_tax.json (experiment)" if (run.root / "alignment_tax.json").is_file() else "summary.json"
+    note = (f"What preference tuning costs in capability: accuracy on held-out arithmetic and facts prompts and "
+            f"perplexity on held-out text, with the change against {_stage_label(base)} in brackets. Lower "
+            f"perplexity is better. From {source}.")
+    return _section("tax", title, _tag("p", note, "note"), _table(head, rows, "num"))
+
+
+def _hacking_experiment(run: Run) -> Html:
+    title = "Reward-hacking experiment"
+    exp = run.hacking_experiment
+    if exp is None:
+        return _optional_missing(run, "rhexp", title, "reward_hacking/reward_hacking.json")
+    arrow = lambda r, k, d: f"{_fmt(_num(r.get(k + '_start')), d)} → {_fmt(_num(r.get(k + '_end')), d)}"  # noqa: E731
+    rows = [[name, arrow(r, "proxy", 2), arrow(r, "gold", 3), arrow(r, "length", 1), _fmt(_num(r.get("heldout_gold"))),
+             _fmt(_num(r.get("heldout_length")), 1), ", ".join(map(str, _list(r.get("alerts")))) or "—"]
+            for name, r in _dict(exp, "runs").items() if isinstance(r, dict)]
+    sft = _dict(exp, "sft")
+    if sft:
+        rows.append(["SFT (reference)", "", "", "", _fmt(_num(sft.get("heldout_gold"))),
+                     _fmt(_num(sft.get("heldout_length")), 1), ""])
+    head = ["run", "proxy start → end", "gold start → end", "length start → end", "held-out gold ↑",
+            "held-out length", "detectors fired"]
+    who = f" labelled by {exp['annotator']} alone" if exp.get("annotator") else ""
+    note = (f"PPO against a reward model trained on preferences{who}, without and with a length penalty: a hacked "
+            "policy raises the proxy reward and its length while the gold score stalls or falls.")
+    return _section("rhexp", title, _tag("p", note, "note"), _table(head, rows, "num textlast"))
+
+
 def _config(run: Run) -> Html:
     title = "Configuration"
     if run.config is None:
@@ -644,16 +1010,21 @@ def _config(run: Run) -> Html:
     return _section("config", title, Html(f"<details><summary>{_e(summary)}</summary>{_tag('pre', text)}</details>"))
 
 
-SECTION_TITLES = (("headline", "Headline"), ("curves", "Training curves"), ("overopt", "Over-optimisation"),
-                  ("families", "Per family"), ("rm", "Reward model"), ("samples", "Samples"),
-                  ("config", "Configuration"))
-SECTIONS: tuple[Callable[[Run], Html], ...] = (
-    _headline, _curves, _overopt, _families, _reward_model, _samples, _config)
+# (anchor, title in the navigation, section); a section that returns nothing (an input the run predates) is left out
+SECTIONS: tuple[tuple[str, str, Callable[[Run], Html]], ...] = (
+    ("headline", "Headline", _headline), ("curves", "Training curves", _curves),
+    ("overopt", "Over-optimisation", _overopt), ("hacking", "Reward hacking", _hacking),
+    ("rhexp", "Hacking experiment", _hacking_experiment), ("families", "Per family", _families),
+    ("evaluation", "Policy evaluation", _policy_eval), ("tax", "Alignment tax", _alignment_tax),
+    ("redteam", "Red teaming", _redteam), ("rm", "Reward model", _reward_model), ("samples", "Samples", _samples),
+    ("config", "Configuration", _config))
 
 
 def render(run: Run) -> str:
     """The whole page: header, then one section per concern, in reading order."""
-    body = _header(run) + _join(section(run) for section in SECTIONS)
+    sections = [(anchor, title, section(run)) for anchor, title, section in SECTIONS]
+    sections = [(anchor, title, body) for anchor, title, body in sections if body]
+    body = _header(run, [(anchor, title) for anchor, title, _ in sections]) + _join(b for _, _, b in sections)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -671,7 +1042,7 @@ def build_report(run_dir: str | Path) -> Path:
 
 CSS = """
 :root { --fg:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#ffffff; --soft:#f6f8fa; --accent:#4c78a8;
-        --good:#1a7f37; --goodbg:#eaf6ec; --warn:#9a6700; --warnbg:#fff8c5; }
+        --good:#1a7f37; --goodbg:#eaf6ec; --warn:#9a6700; --warnbg:#fff8c5; --bad:#cf222e; --badbg:#ffebe9; }
 * { box-sizing: border-box; }
 body { margin:0; background:var(--bg); color:var(--fg); font:14px/1.5 -apple-system, "Segoe UI", Helvetica, Arial,
        sans-serif; }
@@ -691,6 +1062,7 @@ th { background:var(--soft); font-weight:600; }
 table.num td:not(:first-child), table.num th:not(:first-child) { text-align:right;
        font-variant-numeric:tabular-nums; }
 table.times td:last-child, table.times th:last-child { text-align:left; min-width:220px; }
+table.textlast td:last-child, table.textlast th:last-child { text-align:left; }
 .row { display:flex; flex-wrap:wrap; gap:40px; align-items:flex-start; }
 .bar { display:inline-block; height:10px; background:var(--accent); opacity:.7; border-radius:2px;
        vertical-align:middle; max-width:170px; }
@@ -728,4 +1100,13 @@ img { max-width:100%; height:auto; border:1px solid var(--line); border-radius:6
 details { border:1px solid var(--line); border-radius:6px; padding:6px 12px; }
 summary { cursor:pointer; color:var(--accent); font-weight:600; }
 pre { white-space:pre-wrap; overflow-wrap:anywhere; margin:8px 0 0; }
+.status { border-radius:6px; padding:8px 12px; margin:8px 0 12px; font-weight:600; }
+.status.ok { color:var(--good); background:var(--goodbg); border:1px solid #aad8b4; }
+.status.warn { color:var(--warn); background:var(--warnbg); border:1px solid #eed888; }
+.status.bad { color:var(--bad); background:var(--badbg); border:1px solid #f5b5b0; }
+.up { color:var(--good); font-size:12px; }
+.down { color:var(--bad); font-size:12px; }
+table.alerts td:nth-child(3) { max-width:560px; overflow-wrap:anywhere; }
+.pair { display:grid; grid-template-columns:repeat(auto-fit, minmax(420px, 1fr)); gap:0 24px; }
+.pair .sample .resp { border-right:none; }
 """

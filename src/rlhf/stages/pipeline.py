@@ -18,10 +18,12 @@ from rich.table import Table
 
 from rlhf.config import EvalRMConfig, RunConfig
 from rlhf.configlib import to_dict
+from rlhf.evaluation.alignment_tax import alignment_tax
 from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import atomic_dir, stage_done, write_json_atomic
 from rlhf.report.html import build_report
+from rlhf.safety.redteam import run_redteam
 from rlhf.stages.collect import run_collect
 from rlhf.stages.ppo import run_ppo
 from rlhf.stages.pretrain import run_pretrain
@@ -78,7 +80,17 @@ def stage_configs(cfg: RunConfig) -> RunConfig:
     cfg.ppo.prompts = cfg.ppo.prompts or str(world / "prompts_train.jsonl")
     cfg.ppo.out = cfg.ppo.out or str(root / "ppo")
     cfg.ppo.resume = True  # a run interrupted mid-PPO continues from its last checkpoint
+    cfg.redteam.model = cfg.redteam.model or cfg.ppo.out
+    cfg.redteam.against = cfg.redteam.against or cfg.pretrain.out
+    cfg.redteam.out = cfg.redteam.out or str(root / "redteam")
     return cfg
+
+
+def redteam_headline(result: dict) -> dict:
+    """Attack success rates of the final policy and of the model it is compared with, overall and per strategy."""
+    def rates(r: dict) -> dict:
+        return {"model": r["model"], "asr": r["asr"], "by_strategy": {k: v["asr"] for k, v in r["by_strategy"].items()}}
+    return {**rates(result), **({"against": rates(result["against"])} if "against" in result else {})}
 
 
 def heldout_collect(cfg: RunConfig):
@@ -114,14 +126,18 @@ def run_pipeline(cfg: RunConfig) -> dict:
                                  ("ppo", cfg.ppo.out, cfg.sft.out)):
         ev = copy.deepcopy(cfg.eval)
         ev.model, ev.against, ev.out = model, against, str(root / "eval" / f"{name}.json")
+        ev.reward_model = ev.reward_model or cfg.rm.out
         _stage(f"eval {name}", Path(ev.out).is_file(), times, run_eval, ev)
         results[name] = json.loads(Path(ev.out).read_text())
     kl_path = root / "eval" / "kl.json"
     _stage("eval kl", kl_path.is_file(), times, lambda: write_json_atomic(kl_path, kl_to_reference(
         cfg.ppo.out, cfg.ppo.policy, eval_prompts(cfg.eval), cfg.ppo.generation, seed=cfg.eval.seed, load=cfg.ppo.load)))
+    _stage("redteam", (Path(cfg.redteam.out) / "redteam.json").is_file(), times, run_redteam, cfg.redteam)
     ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"], "kl": json.loads(kl_path.read_text())["kl"],
            "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
-    summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "ppo": ppo, "time_seconds": times}
+    summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "ppo": ppo,
+               "redteam": redteam_headline(json.loads((Path(cfg.redteam.out) / "redteam.json").read_text())),
+               "alignment_tax": alignment_tax(results), "time_seconds": times}
     write_json_atomic(summary_path, summary)
     _stage("report", False, times, build_report, root)
     print_summary(summary)
@@ -149,6 +165,10 @@ def print_summary(summary: dict) -> None:
         target = f" (target {_fmt(ppo['kl_target'])})" if ppo.get("kl_target") is not None else ""
         Console().print(f"PPO: gold win rate over SFT {_fmt(ppo['win_rate_vs_sft'])}, KL to the SFT policy "
                         f"{_fmt(ppo['kl'])} nats per response{target}")
+    red = summary.get("redteam")
+    if red:
+        base = f" ({_fmt(red['against']['asr'])} for {red['against']['model']})" if "against" in red else ""
+        Console().print(f"red team: attack success rate {_fmt(red['asr'])} for {red['model']}{base}")
     Console().print(f"reward model on {rm['n_pairs']} held-out pairs: accuracy {_fmt(rm['accuracy'])}, "
                     f"gold accuracy {_fmt(rm['gold_accuracy'])}, ECE {_fmt(rm['ece'])}, length correlation "
                     f"{_fmt(rm['length_correlation'])}; annotators flagged by agreement: {', '.join(flagged) or 'none'}")

@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -96,7 +96,9 @@ class Rollout:
     rewards: torch.Tensor  # (B, A) per-token rewards
     advantages: torch.Tensor  # (B, A) whitened GAE advantages
     returns: torch.Tensor  # (B, A) GAE returns (the critic's targets)
-    prompts: list[str] = field(default_factory=list)  # last user turn of each prompt, for judges and logs
+    rm_scores: torch.Tensor | None = None  # (B,) the reward model's own score (mean - ensemble_penalty * std)
+    rm_std: torch.Tensor | None = None  # (B,) ensemble disagreement (zeros for a single reward model)
+    prompts: list[str] = field(default_factory=list)  # what judges read: the last user turn (or an attack's request)
     responses: list[str] = field(default_factory=list)  # decoded responses
 
 
@@ -173,9 +175,11 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
 class PromptStream:
     """Prompts in a fresh seeded order every epoch; batch i is a pure function of (seed, i) for resume."""
 
-    def __init__(self, encoded: list[list[int]], messages: list[list[dict]], seed: int):
+    def __init__(self, encoded: list[list[int]], messages: list[list[dict]], seed: int, texts: list[str] | None = None):
         self.encoded, self.messages, self.seed = encoded, messages, seed
-        self.texts = [m[-1]["content"] for m in messages]  # the last user turn: what judges and components read
+        # What judges and reward components read: the last user turn, or for a red-team attack the
+        # request it disguises (the intent is known when we build the attack).
+        self.texts = texts or [m[-1]["content"] for m in messages]
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
@@ -191,17 +195,27 @@ class PromptStream:
 def load_prompt_stream(cfg: PPOConfig, tok) -> tuple[PromptStream, bool]:
     """Encoded prompts and whether they are assistant-world prompts (then the gold judge scores rollouts)."""
     rows = list(load_prompts(cfg.prompts))[: cfg.n_prompts]
-    encoded = [encode_text(tok, render_prompt(tok, r.prompt)) for r in rows]
-    stream = PromptStream(encoded, [r.prompt for r in rows], cfg.seed)
-    world = all(parse_prompt(t) is not None for t in stream.texts[:50])
-    return stream, world
+    messages, texts = [r.prompt for r in rows], [r.prompt[-1]["content"] for r in rows]
+    world = all(parse_prompt(t) is not None for t in texts[:50])
+    if cfg.safety.redteam_share > 0:
+        if not world:
+            raise ConfigError("ppo.safety.redteam_share: red-team prompts are built from the assistant world's harmful "
+                              "intents; mix your own attack prompts into ppo.prompts instead")
+        from rlhf.safety.redteam import training_attacks
+
+        attacks = training_attacks(round(len(rows) * cfg.safety.redteam_share / (1 - cfg.safety.redteam_share)), cfg.seed)
+        messages += [a.messages for a in attacks]
+        texts += [a.case.prompt for a in attacks]
+        log.info("PPO prompts: %d, of which %d red-team attacks (training wordings)", len(messages), len(attacks))
+    encoded = [encode_text(tok, render_prompt(tok, m)) for m in messages]
+    return PromptStream(encoded, messages, cfg.seed, texts), world
 
 
 def load_ptx(cfg: PPOConfig, tok) -> list[Encoded]:
     """PPO-ptx sequences: SFT rows (loss on the response) or {"text"} rows (loss on every token)."""
-    first = next(iter(load_records(cfg.ptx_data)))[1]
-    if "text" in first:
-        rows = [encode_text(tok, r["text"])[: cfg.ptx_max_length] for _, r in load_records(cfg.ptx_data)]
+    texts = [r["text"] for _, r in load_records(cfg.ptx_data) if isinstance(r.get("text"), str)]
+    if texts:  # a corpus (other rows, such as chat transcripts in a pretraining mix, are left out)
+        rows = [encode_text(tok, t)[: cfg.ptx_max_length] for t in texts]
         return [Encoded(input_ids=ids, labels=list(ids)) for ids in rows if len(ids) > 1]
     encoded = [encode_sft(tok, ex.prompt, ex.completion, cfg.ptx_max_length) for ex in load_sft(cfg.ptx_data)]
     return [e for e in encoded if e is not None]
@@ -254,7 +268,7 @@ class PPORun:
         prompts = [self.prompts.texts[i] for i in idx]
 
         # 2. Score at the last token; normalise with the stored statistics; fixed score without EOS; clip.
-        rm_scores, scores, components = self._score(input_ids, attention_mask, idx, texts, ended)  # (B,), (B,), {}
+        rm_scores, rm_std, scores, components = self._score(input_ids, attention_mask, idx, texts, ended)  # (B,) x3, {}
 
         # 3. Log-probs of policy and reference (fp32, sampling temperature) and the critic's values.
         t = cfg.generation.temperature
@@ -278,7 +292,7 @@ class PPORun:
 
         seq_kl = sequence_kl(logprobs - ref_logprobs, mask)  # (B,) k1 summed: the KL the controller tracks
         ro = Rollout(input_ids, attention_mask, n_prompt, mask, logprobs, ref_logprobs, values, scores, rewards,
-                     advantages, returns, prompts, texts)
+                     advantages, returns, rm_scores, rm_std, prompts, texts)
         stats = {
             "objective/scores": rm_scores.mean().item(),
             "objective/rlhf_reward": (scores - self.kl_ctl.value * seq_kl).mean().item(),
@@ -294,8 +308,10 @@ class PPORun:
             stats["objective/gold"] = sum(judge_prompt(p, r).total for p, r in zip(prompts, texts)) / len(texts)
         return ro, stats
 
-    def _score(self, input_ids, attention_mask, idx, texts, ended) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(reward-model score, sequence score used in the reward), both (B,), and each extra component's mean."""
+    def _score(self, input_ids, attention_mask, idx, texts, ended
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(reward-model score, ensemble std, sequence score used in the reward), each (B,), and each extra
+        component's mean."""
         cfg, rm = self.cfg, self.m.reward
         if self.m.same_tokenizer:  # the RM reads exactly the tokens the policy wrote (the reward sits on EOS)
             mean, std = rm(input_ids, attention_mask, normalize=cfg.normalize_reward)
@@ -314,7 +330,7 @@ class PPORun:
             scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_score))
         if cfg.reward_clip:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        return rm_scores, scores, means
+        return rm_scores, std, scores, means
 
     # -- update -----------------------------------------------------------------------------------------
 
@@ -489,20 +505,62 @@ def save_final(run: PPORun, out: Path, summary: dict) -> None:
     write_json_atomic(out / "stage.json", summary)
 
 
+class Monitor:
+    """Watches each rollout for reward hacking and mode collapse (measured, never trained on).
+
+    Alerts go to the log and to OUT/alerts.jsonl as they fire; the per-iteration figures join the
+    metrics as ``hacking/alerts`` and ``diversity/*``. Diversity uses the bag-of-words similarity here
+    (no embedding model inside the training loop); `rlhf eval` measures it with embeddings.
+    """
+
+    def __init__(self, world: bool, ensemble: bool):
+        from rlhf.evaluation.diversity import Embedder
+        from rlhf.evaluation.hacking import HackingMonitor
+
+        self.world, self.ensemble = world, ensemble
+        self.hacking, self.embedder = HackingMonitor(), Embedder(bag_of_words=True)
+        self.collapse: dict = {"collapsed_iterations": [], "last": None}
+
+    def update(self, iteration: int, ro: Rollout, kl: float, alerts_file: Path) -> dict[str, float]:
+        from rlhf.evaluation.diversity import diversity_report
+
+        gold = [judge_prompt(p, r).total for p, r in zip(ro.prompts, ro.responses)] if self.world else None
+        alerts = self.hacking.update(iteration, ro.responses, ro.rm_scores.tolist(), kl, gold,
+                                     ro.rm_std.mean().item() if self.ensemble else None)
+        if alerts:
+            with alerts_file.open("a") as f:  # appended as they fire: a crash keeps what was seen
+                f.writelines(json.dumps(asdict(a)) + "\n" for a in alerts)
+        div = diversity_report(ro.responses, self.embedder)
+        if div["is_collapsed"]:
+            self.collapse["collapsed_iterations"].append(iteration)
+            if len(self.collapse["collapsed_iterations"]) == 1:
+                log.warning("mode collapse? iteration %d: %s", iteration, "; ".join(div["collapse_reasons"]))
+        self.collapse["last"] = {k: v for k, v in div.items() if k != "thresholds"}
+        return {"hacking/alerts": float(len(self.hacking.records)), "diversity/distinct_2": div["distinct_2"],
+                "diversity/self_bleu": div["self_bleu"], "diversity/similarity": div["mean_similarity"],
+                "diversity/collapsed": float(div["is_collapsed"])}
+
+
 def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
     """Optimise cfg.policy against cfg.reward_model on cfg.prompts; write cfg.out; return a summary."""
+    from rlhf.safety.rewards import safety_components
+
     require(cfg, "policy", "reward_model", "prompts", "out", stage="ppo")
-    run = PPORun(cfg, components)
+    run = PPORun(cfg, [*components, *safety_components(cfg.safety)])
     out = prepare_out(cfg, run)
     start, first = time.perf_counter(), run.iteration
+    if first == 0:  # alerts of an earlier attempt that died before its first checkpoint
+        (out / "alerts.jsonl").unlink(missing_ok=True)
     last: dict[str, float] = {}
     log.info("PPO: %d iterations of %d prompts (%d minibatches x %d epochs); critic: %s; reference: %s",
              cfg.iterations, cfg.batch_size, cfg.batch_size // cfg.mini_batch_size, cfg.ppo_epochs, cfg.critic,
              "policy without adapters" if run.m.reference is None else "frozen copy")
+    monitor = Monitor(run.world, len(run.m.reward.members) > 1)
     with MetricsLogger(out) as logger, progress_bar("ppo", cfg.iterations) as bar:
         bar.update(advance=first)
         while run.iteration < cfg.iterations:
-            last, _ = run.step()
+            last, ro = run.step()
+            last.update(monitor.update(run.iteration, ro, last["objective/kl"], out / "alerts.jsonl"))
             bar.update(score=last["objective/scores"], kl=last["objective/kl"], **(
                 {"gold": last["objective/gold"]} if "objective/gold" in last else {}))
             if run.iteration % cfg.log_every == 0 or run.iteration == cfg.iterations:
@@ -513,6 +571,7 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
         run.save_checkpoint(out)
     summary = {"stage": "ppo", "iterations": run.iteration, "resumed_from": first or None,
                "seconds": time.perf_counter() - start, "final": last, "kl_coef": run.kl_ctl.value,
-               "world": run.world, "config": to_dict(cfg)}
+               "world": run.world, "hacking": monitor.hacking.summary(), "collapse": monitor.collapse,
+               "config": to_dict(cfg)}
     save_final(run, out, summary)
     return summary
