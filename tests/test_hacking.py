@@ -164,16 +164,18 @@ def batch(n_words: int) -> tuple[list[str], list[float]]:
 def test_monitor_reports_a_detector_once_per_episode():
     monitor = HackingMonitor()
     fired = []
-    for it, n in enumerate([5, 5, 5, 20, 20, 5, 20]):
+    lengths = [5, 5, 5, 20, 20, 5, 20] + [5] * monitor.thresholds.rearm_after + [20]
+    for it, n in enumerate(lengths):
         fired.append([a.detector for a in monitor.update(it, *batch(n), kl=0.01 * it)])
-    # baseline 0-2; verbose at 3 (new), 4 (still firing: silent), 5 (stopped), 6 (new again)
-    assert fired == [[], [], [], ["verbosity"], [], [], ["verbosity"]]
+    # baseline 0-2; verbose at 3 (new), 4 (still firing: silent), 5 (stopped), 6 (a flicker after one
+    # quiet iteration: silent), 7-11 quiet, 12 (new again)
+    assert fired == [[], [], [], ["verbosity"]] + [[]] * 8 + [["verbosity"]]
     summary = monitor.summary()
     assert json.loads(json.dumps(summary)) == summary
     rec = summary["detectors"]["verbosity"]
-    assert summary["fired"] == ["verbosity"] and rec["first_iteration"] == 3 and rec["last_iteration"] == 6
+    assert summary["fired"] == ["verbosity"] and rec["first_iteration"] == 3 and rec["last_iteration"] == 12
     assert rec["times_fired"] == 2 and rec["active"]
-    assert summary["iterations"] == 7 and summary["last"]["kl"] == pytest.approx(0.06)
+    assert summary["iterations"] == 13 and summary["last"]["kl"] == pytest.approx(0.12)
 
 
 def test_monitor_keeps_means_not_texts():

@@ -63,6 +63,8 @@ class HackingThresholds:
     divergence_t: float = 2.0
     """...and both slopes are significant: |slope / standard error| above this (about 95% for a
     10-iteration window), so batch-to-batch noise in the means does not fire it."""
+    rearm_after: int = 5
+    """Iterations a detector must stay silent before it can raise a new alert."""
     disagreement_ratio: float = 2.0
     """Ensemble disagreement: RM-ensemble std grown above this multiple of its baseline: the policy
     has left the region where the reward models agree. Skipped without an ensemble."""
@@ -306,12 +308,14 @@ class _Record:
     threshold: float = 0.0
     last_message: str = ""
     active: bool = False  # firing at the latest update
+    quiet: int = 0  # iterations since it last fired
 
 
 @dataclass
 class HackingMonitor:
     """Runs every detector once per PPO iteration; `update` returns only alerts that are new (a
-    detector that keeps firing is reported once, and again only after it has stopped firing).
+    detector that keeps firing is reported once, and again only after it has been silent for
+    `thresholds.rearm_after` iterations).
 
     Keeps per-iteration means and, for the baseline iterations only, word counts: memory does not
     grow with the number of responses."""
@@ -342,7 +346,9 @@ class HackingMonitor:
         new = []
         for a in firing:
             rec = self.records.setdefault(a.detector, _Record(first_iteration=a.iteration))
-            if not rec.active:
+            # A new episode only after rearm_after quiet iterations: a detector near its threshold
+            # flickers on and off, and one alert per flicker would bury the log.
+            if rec.times_fired == 0 or (not rec.active and rec.quiet >= self.thresholds.rearm_after):
                 rec.times_fired += 1
                 new.append(a)
                 log.warning("reward hacking? [%s] iteration %d: %s", a.detector, a.iteration, a.message)
@@ -351,6 +357,7 @@ class HackingMonitor:
         names = {a.detector for a in firing}
         for name, rec in self.records.items():
             rec.active = name in names
+            rec.quiet = 0 if rec.active else rec.quiet + 1
         return new
 
     def summary(self) -> dict:

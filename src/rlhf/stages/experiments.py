@@ -53,7 +53,7 @@ def _ppo_then_eval(cfg: RunConfig, ppo_cfg, name: str, root: Path) -> dict:
     return json.loads(Path(ev.out).read_text()) if Path(ev.out).is_file() else run_eval(ev)
 
 
-def reward_hacking(cfg: RunConfig, *, length_weight: float = 1.0, length_target: int = 20, kl_coef: float = 0.05,
+def reward_hacking(cfg: RunConfig, *, length_weight: float = 2.0, length_target: int = 12, kl_coef: float = 0.05,
                    iterations: int = 120, lr: float = 5e-5) -> dict:
     """PPO against a reward model that learned one annotator's love of length, without and with the length penalty."""
     run_pipeline(cfg)
