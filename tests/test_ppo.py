@@ -158,3 +158,31 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_llama, flat_r
     wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     assert json.loads((tmp_path / "b" / "stage.json").read_text())["resumed_from"] == 4
+
+
+def test_steered_rollouts_never_write_a_banned_word(tiny_llama, flat_rm, prompt_file, tmp_path):
+    from collections import Counter
+
+    def run(out, **over):
+        return PPORun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / out, batch_size=16,
+                                 generation={"batch_size": 16, "max_new_tokens": 12}, **over))
+
+    def written(ro) -> list[int]:
+        return ro.input_ids[:, ro.n_prompt:][ro.response_mask == 1].tolist()
+
+    plain = run("plain")
+    ro, _ = plain.rollout()
+    tok = plain.m.tok
+
+    def single_tokens(word: str) -> set[int]:
+        """The token ids of the word's one-token spellings (start of reply or after a space, as it is or capitalised)."""
+        ids = [tok(v, add_special_tokens=False)["input_ids"] for v in (word, " " + word, word.capitalize(), " " + word.capitalize())]
+        return {i[0] for i in ids if len(i) == 1}
+
+    # The unsteered policy's favourite word that it writes as one token; banning the word bans that token.
+    word, banned = next((w, b) for t, _ in Counter(written(ro)).most_common()
+                        if (w := tok.decode([t]).strip()).isalpha() and t in (b := single_tokens(w)))
+    constitution = tmp_path / "c.yaml"
+    constitution.write_text(f"principles:\n  - id: no_word\n    description: d\n    checks: [{{phrases: [{word}]}}]\n")
+    ro, _ = run("steered", safety={"constitution": str(constitution), "steer": True}).rollout()
+    assert not set(written(ro)) & banned

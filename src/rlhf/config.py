@@ -332,6 +332,8 @@ class SafetyConfig:
     """Weight of the repetition penalty (minus the share of repeated word trigrams)."""
     diversity_weight: float = 0.0
     """Weight of the diversity bonus (1 minus a response's largest bigram overlap with the rest of its batch)."""
+    steer: bool = False
+    """Sample rollouts through the constitution's logits processor (banned phrases cannot be written)."""
     redteam_share: float = 0.0
     """Share of PPO prompts that are red-team attacks: half on the world's training harmful intents, half the
     same framings around its benign scary-word requests (training wordings only: evaluation wordings and
@@ -340,8 +342,8 @@ class SafetyConfig:
     def validate(self) -> None:
         if not 0 <= self.redteam_share < 1:
             raise ConfigError(f"ppo.safety.redteam_share: must be in [0, 1), got {self.redteam_share}")
-        if self.safety_weight and not self.constitution:
-            raise ConfigError("ppo.safety.safety_weight > 0 needs ppo.safety.constitution")
+        if (self.safety_weight or self.steer) and not self.constitution:
+            raise ConfigError("ppo.safety.safety_weight > 0 and ppo.safety.steer need ppo.safety.constitution")
 
 
 @dataclass

@@ -221,6 +221,22 @@ def load_ptx(cfg: PPOConfig, tok) -> list[Encoded]:
     return [e for e in encoded if e is not None]
 
 
+def steering(cfg: PPOConfig, tok):
+    """The constitution's logits processor for rollouts (ppo.safety.steer), else None.
+
+    Responses are then sampled from the policy with banned completions removed, while log-probs are
+    the policy's own: the rollout is slightly off-policy wherever a banned token would have been
+    drawn, which the clipped ratio tolerates as long as that is rare.
+    """
+    if not cfg.safety.steer:
+        return None
+    from transformers import LogitsProcessorList
+
+    from rlhf.safety.constitution import resolve_constitution
+
+    return LogitsProcessorList([resolve_constitution(cfg.safety.constitution).logits_processor(tok)])
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run: rollout (steps 1-5) and update (step 6)
 # ----------------------------------------------------------------------------------------------------
@@ -241,6 +257,7 @@ class PPORun:
         self.prompts, self.world = load_prompt_stream(cfg, self.m.tok)
         self.stop = eos_ids(unwrap(self.m.policy), self.m.tok)
         self.ptx = load_ptx(cfg, self.m.tok) if cfg.ptx_coef > 0 else []
+        self.processor = steering(cfg, self.m.tok)
         policy_params = [p for p in self.m.policy.parameters() if p.requires_grad]
         self.policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-5)
         self.critic_opt = torch.optim.AdamW(self.m.critic_parameters(), lr=cfg.critic_lr or cfg.lr,
@@ -261,7 +278,8 @@ class PPORun:
         torch.manual_seed(self._seed(0))
 
         # 1. Generate: left-padded prompts, KV cache, sampling; everything after the first EOS is padding.
-        sampled = sample_responses(unwrap(m.policy), m.tok, [self.prompts.encoded[i] for i in idx], cfg.generation, self.stop)
+        sampled = sample_responses(unwrap(m.policy), m.tok, [self.prompts.encoded[i] for i in idx], cfg.generation, self.stop,
+                                   self.processor)
         input_ids, attention_mask, n_prompt = sampled.input_ids, sampled.attention_mask, sampled.n_prompt  # (B, T), (B, T), P
         responses, mask, ended = sampled.responses, sampled.mask, sampled.ended  # (B, A), (B, A), (B,)
         texts = [m.tok.decode(r[: int(n)], skip_special_tokens=True).strip() for r, n in zip(responses, mask.sum(1))]
