@@ -22,8 +22,8 @@ from rlhf.models.generation import Generation, eos_ids, generate, sample_respons
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.policy import gather_logprobs, response_hidden, response_logits
 from rlhf.models.reward import RewardModel
-from rlhf.safety.constitution import resolve_constitution
 from rlhf.report.progress import progress_bar
+from rlhf.safety.constitution import resolve_constitution
 from rlhf.world import judge_prompt, prompt_set, summarise
 
 log = logging.getLogger("rlhf.eval")
