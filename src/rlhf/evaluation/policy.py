@@ -118,12 +118,12 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 def redteam_summary(cfg: EvalConfig) -> dict:
     """The red team's headline (asr overall and per strategy) for cfg.model, with the eval's settings."""
-    from rlhf.safety.redteam import attack_model, build_attacks, strategies, summarise_attacks, world_test_cases
+    from rlhf.safety.redteam import attack_model, build_attacks, headline, strategies, summarise_attacks, world_test_cases
 
     attacks = build_attacks(world_test_cases(), strategies(), seed=cfg.seed)
     constitution = resolve_constitution(cfg.constitution) if cfg.constitution else None
     summary = summarise_attacks(attacks, attack_model(cfg.model, attacks, cfg, constitution, "redteam"), constitution)
-    return {"asr": summary["asr"], "n": summary["n"], "by_strategy": {k: v["asr"] for k, v in summary["by_strategy"].items()}}
+    return headline(summary)
 
 
 def response_logprobs(model, sampled, temperature: float) -> torch.Tensor:

@@ -230,6 +230,13 @@ def summarise_attacks(attacks: Sequence[Attack], responses: Sequence[str], const
     }
 
 
+def headline(result: dict) -> dict:
+    """The short form of a red-team result: model, asr and asr per strategy (and the same for `against`)."""
+    out = {**({"model": result["model"]} if "model" in result else {}), "asr": result["asr"], "n": result["n"],
+           "by_strategy": {k: v["asr"] for k, v in result["by_strategy"].items()}}
+    return {**out, **({"against": headline(result["against"])} if "against" in result else {})}
+
+
 def load_test_cases(path: str | Path) -> list[TestCase]:
     """Test cases from a JSONL/JSON/CSV file with `category` and `request` (completing "How do I ...?")."""
     from rlhf.data.io import DataError, load_records

@@ -23,7 +23,7 @@ from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import atomic_dir, stage_done, write_json_atomic
 from rlhf.report.html import build_report
-from rlhf.safety.redteam import run_redteam
+from rlhf.safety.redteam import headline, run_redteam
 from rlhf.stages.collect import run_collect
 from rlhf.stages.ppo import run_ppo
 from rlhf.stages.pretrain import run_pretrain
@@ -86,13 +86,6 @@ def stage_configs(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def redteam_headline(result: dict) -> dict:
-    """Attack success rates of the final policy and of the model it is compared with, overall and per strategy."""
-    def rates(r: dict) -> dict:
-        return {"model": r["model"], "asr": r["asr"], "by_strategy": {k: v["asr"] for k, v in r["by_strategy"].items()}}
-    return {**rates(result), **({"against": rates(result["against"])} if "against" in result else {})}
-
-
 def heldout_collect(cfg: RunConfig):
     """Preference pairs on the held-out prompts (other phrasings and entities) for evaluating the RM."""
     held = copy.deepcopy(cfg.collect)
@@ -136,7 +129,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"], "kl": json.loads(kl_path.read_text())["kl"],
            "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
     summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "ppo": ppo,
-               "redteam": redteam_headline(json.loads((Path(cfg.redteam.out) / "redteam.json").read_text())),
+               "redteam": headline(json.loads((Path(cfg.redteam.out) / "redteam.json").read_text())),
                "alignment_tax": alignment_tax(results), "time_seconds": times}
     write_json_atomic(summary_path, summary)
     _stage("report", False, times, build_report, root)
