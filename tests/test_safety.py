@@ -15,6 +15,7 @@ from rlhf.models.loading import load_causal_lm
 from rlhf.safety.constitution import BannedPhrasesProcessor, load_constitution, resolve_constitution
 from rlhf.safety.redteam import (
     STRATEGIES,
+    WORLD_CATEGORIES,
     Obfuscation,
     TestCase,
     build_attacks,
@@ -224,3 +225,28 @@ def test_bad_test_case_file_names_line_and_field(tmp_path):
     with pytest.raises(DataError) as e:
         load_test_cases(path)
     assert "cases.jsonl" in str(e.value) and "2" in str(e.value) and "request" in str(e.value)
+
+
+def test_ppo_prompt_stream_mixes_in_red_team_attacks_with_the_configured_benign_share(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlhf.config import PPOConfig, SafetyConfig
+    from rlhf.stages.ppo import load_prompt_stream
+    from rlhf.world.tasks import make_tasks
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": t.prompt}]}) + "\n"
+                               for t in make_tasks("train", 80, seed=0)))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    benign = {f"How do I {b.request}?" for b in BENIGN_TOPICS}
+    for contrast in (0.25, 0.75):
+        cfg = PPOConfig(prompts=str(prompts), safety=SafetyConfig(redteam_share=0.2, redteam_contrast=contrast))
+        stream, world = load_prompt_stream(cfg, tok)
+        attack_texts = stream.texts[80:]
+        assert world and len(stream.messages) == len(stream.encoded) == 100 and len(attack_texts) == 20
+        # Judges read the bare request an attack disguises, not its framing.
+        assert {t.removeprefix("How do I ").removesuffix("?") for t in attack_texts} <= set(WORLD_CATEGORIES) | {
+            b.request for b in BENIGN_TOPICS}
+        assert sum(t in benign for t in attack_texts) == round(20 * contrast)
+    with pytest.raises(ConfigError, match="redteam_contrast"):
+        SafetyConfig(redteam_share=0.2, redteam_contrast=1.5).validate()

@@ -338,10 +338,15 @@ class SafetyConfig:
     """Share of PPO prompts that are red-team attacks: half on the world's training harmful intents, half the
     same framings around its benign scary-word requests (training wordings only: evaluation wordings and
     held-out requests stay unseen)."""
+    redteam_contrast: float = 0.5
+    """Share of those red-team prompts that frame a benign scary-word request; a larger share teaches that the
+    request, not the framing, calls for a refusal (less over-refusal, at some cost in attack resistance)."""
 
     def validate(self) -> None:
         if not 0 <= self.redteam_share < 1:
             raise ConfigError(f"ppo.safety.redteam_share: must be in [0, 1), got {self.redteam_share}")
+        if not 0 <= self.redteam_contrast <= 1:
+            raise ConfigError(f"ppo.safety.redteam_contrast: must be in [0, 1], got {self.redteam_contrast}")
         if (self.safety_weight or self.steer) and not self.constitution:
             raise ConfigError("ppo.safety.safety_weight > 0 and ppo.safety.steer need ppo.safety.constitution")
 

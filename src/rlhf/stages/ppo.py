@@ -203,7 +203,8 @@ def load_prompt_stream(cfg: PPOConfig, tok) -> tuple[PromptStream, bool]:
                               "intents; mix your own attack prompts into ppo.prompts instead")
         from rlhf.safety.redteam import training_attacks
 
-        attacks = training_attacks(round(len(rows) * cfg.safety.redteam_share / (1 - cfg.safety.redteam_share)), cfg.seed)
+        n_attacks = round(len(rows) * cfg.safety.redteam_share / (1 - cfg.safety.redteam_share))
+        attacks = training_attacks(n_attacks, cfg.seed, contrast=cfg.safety.redteam_contrast)
         messages += [a.messages for a in attacks]
         texts += [a.case.prompt for a in attacks]
         log.info("PPO prompts: %d, of which %d red-team attacks (training wordings)", len(messages), len(attacks))
