@@ -220,3 +220,25 @@ def test_penalties_plug_into_ppo_reward_components():
     for c in comps:
         out = c.fn(["q1", "q2"], ["one two three four five six", "one two"])
         assert len(out) == 2 and all(isinstance(x, float) for x in out)
+
+
+def test_monitor_state_round_trips_so_a_resumed_run_continues_its_episodes():
+    def feed(monitor, start, stop):
+        out = []
+        for i in range(start, stop):
+            lengths = [5 + 3 * i + j for j in range(8)]  # longer is paid more, and lengths grow: verbosity
+            out += monitor.update(i, ["word " * n for n in lengths], [0.1 * n for n in lengths], kl=0.1)
+        return out
+
+    straight, first = HackingMonitor(), HackingMonitor()
+    alerts_straight = feed(straight, 1, 13)
+    alerts_first = feed(first, 1, 7)
+    resumed = HackingMonitor()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # through JSON, as in a checkpoint
+    alerts_resumed = feed(resumed, 7, 13)
+    assert alerts_straight and [a.detector for a in alerts_first + alerts_resumed] == [a.detector for a in alerts_straight]
+    assert resumed.summary() == straight.summary()
+    assert resumed.records["verbosity"].first_iteration < 7  # the episode began before the checkpoint
+    fresh = HackingMonitor()
+    feed(fresh, 7, 13)  # without the state, the baseline restarts at iteration 7
+    assert fresh.summary() != straight.summary()

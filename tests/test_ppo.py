@@ -157,7 +157,12 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_llama, flat_r
         assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-4, abs=1e-6), key
     wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-    assert json.loads((tmp_path / "b" / "stage.json").read_text())["resumed_from"] == 4
+    stage_a, stage_b = (json.loads((tmp_path / x / "stage.json").read_text()) for x in "ab")
+    assert stage_b["resumed_from"] == 4
+    # The monitors carry on from the checkpoint: the same eight iterations seen, the same final state.
+    assert stage_a["hacking"]["iterations"] == stage_b["hacking"]["iterations"] == 8
+    assert stage_b["hacking"]["detectors"] == stage_a["hacking"]["detectors"]
+    assert stage_b["hacking"]["last"]["mean_length"] == pytest.approx(stage_a["hacking"]["last"]["mean_length"])
 
 
 def test_steered_rollouts_never_write_a_banned_word(tiny_llama, flat_rm, prompt_file, tmp_path):

@@ -360,6 +360,17 @@ class HackingMonitor:
             rec.quiet = 0 if rec.active else rec.quiet + 1
         return new
 
+    def state_dict(self) -> dict:
+        """Everything `update` depends on, JSON-serialisable, for PPO checkpoints: a resumed run keeps its
+        baseline and its alert episodes instead of starting them over."""
+        return {"history": [asdict(h) for h in self.history], "baseline_words": dict(self.baseline_words),
+                "records": {name: asdict(rec) for name, rec in self.records.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [IterationStats(**h) for h in state["history"]]
+        self.baseline_words = Counter(state["baseline_words"])
+        self.records = {name: _Record(**rec) for name, rec in state["records"].items()}
+
     def summary(self) -> dict:
         """JSON-serialisable: which detectors fired (first and last iteration, how many separate
         times, last value and message, whether still firing) and the last iteration's statistics."""

@@ -450,10 +450,13 @@ class PPORun:
         state.update({f"critic.{n}": p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad})
         return state
 
-    def save_checkpoint(self, out: Path) -> Path:
-        """Write checkpoint-N atomically (weights as safetensors, optimiser and RNG state as tensors); keep two."""
+    def save_checkpoint(self, out: Path, monitor: dict | None = None) -> Path:
+        """Write checkpoint-N atomically (weights as safetensors, optimiser and RNG state as tensors, the
+        monitors' state as JSON); keep two."""
         path = out / f"checkpoint-{self.iteration}"
         with atomic_dir(path) as tmp:
+            if monitor is not None:
+                write_json_atomic(tmp / "monitor.json", monitor)
             save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
             torch.save({"policy": self.policy_opt.state_dict(), "critic": self.critic_opt.state_dict()}, tmp / "optimizer.pt")
             torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]))}, tmp / "rng.pt")
@@ -559,6 +562,13 @@ class Monitor:
                 "diversity/self_bleu": div["self_bleu"], "diversity/similarity": div["mean_similarity"],
                 "diversity/collapsed": float(div["is_collapsed"])}
 
+    def state_dict(self) -> dict:
+        return {"hacking": self.hacking.state_dict(), "collapse": self.collapse}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.hacking.load_state_dict(state["hacking"])
+        self.collapse = state["collapse"]
+
 
 def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
     """Optimise cfg.policy against cfg.reward_model on cfg.prompts; write cfg.out; return a summary."""
@@ -575,6 +585,8 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
              cfg.iterations, cfg.batch_size, cfg.batch_size // cfg.mini_batch_size, cfg.ppo_epochs, cfg.critic,
              "policy without adapters" if run.m.reference is None else "frozen copy")
     monitor = Monitor(run.world, len(run.m.reward.members) > 1)
+    if first and (saved := max(checkpoints(out), key=checkpoint_step) / "monitor.json").is_file():
+        monitor.load_state_dict(json.loads(saved.read_text()))
     with MetricsLogger(out) as logger, progress_bar("ppo", cfg.iterations) as bar:
         bar.update(advance=first)
         while run.iteration < cfg.iterations:
@@ -585,9 +597,9 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
             if run.iteration % cfg.log_every == 0 or run.iteration == cfg.iterations:
                 logger.log(run.iteration, **last)
             if cfg.save_every and run.iteration % cfg.save_every == 0 and run.iteration < cfg.iterations:
-                run.save_checkpoint(out)
+                run.save_checkpoint(out, monitor.state_dict())
     if first < cfg.iterations or not checkpoints(out):
-        run.save_checkpoint(out)
+        run.save_checkpoint(out, monitor.state_dict())
     summary = {"stage": "ppo", "iterations": run.iteration, "resumed_from": first or None,
                "seconds": time.perf_counter() - start, "final": last, "kl_coef": run.kl_ctl.value,
                "world": run.world, "hacking": monitor.hacking.summary(), "collapse": monitor.collapse,
