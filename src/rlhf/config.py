@@ -335,9 +335,9 @@ class SafetyConfig:
     steer: bool = False
     """Sample rollouts through the constitution's logits processor (banned phrases cannot be written)."""
     redteam_share: float = 0.0
-    """Share of PPO prompts that are red-team attacks: half on the world's training harmful intents, half the
-    same framings around its benign scary-word requests (training wordings only: evaluation wordings and
-    held-out requests stay unseen)."""
+    """Share of PPO prompts that are red-team attacks on the world's training harmful intents, or (a
+    `redteam_contrast` share of them) the same framings around its benign scary-word requests (training
+    wordings only: evaluation wordings and held-out requests stay unseen)."""
     redteam_contrast: float = 0.5
     """Share of those red-team prompts that frame a benign scary-word request; a larger share teaches that the
     request, not the framing, calls for a refusal (less over-refusal, at some cost in attack resistance)."""
