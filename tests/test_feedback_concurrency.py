@@ -17,10 +17,11 @@ import threading
 import time
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from rlhf.feedback import auth
-from rlhf.feedback.store import Store, assignments, labels
+from rlhf.feedback.store import Store, assignments, labels, metadata
 from test_feedback import PASSWORD, pair_specs
 
 ANNOTATORS, LABELS_EACH, KILL_AFTER = 20, 50, 300
@@ -84,8 +85,24 @@ class Worker(threading.Thread):
                 done += 1
 
 
-def test_1000_concurrent_labels_survive_a_kill(tmp_path):
-    db = tmp_path / "fb.db"
+# PostgreSQL takes another code path (row locks with SKIP LOCKED); point this at an empty database to test it,
+# e.g. RLHF_TEST_POSTGRES_URL=postgresql+psycopg://user:password@127.0.0.1/annotate_test (its tables are dropped).
+POSTGRES_URL = os.environ.get("RLHF_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        return tmp_path / "fb.db"
+    if not POSTGRES_URL:
+        pytest.skip("set RLHF_TEST_POSTGRES_URL to an empty PostgreSQL database to run this against PostgreSQL")
+    engine = sa.create_engine(POSTGRES_URL)
+    metadata.drop_all(engine)
+    engine.dispose()
+    return POSTGRES_URL
+
+
+def test_1000_concurrent_labels_survive_a_kill(db, tmp_path):
     store = Store(str(db))
     store.add_items(pair_specs(ANNOTATORS * LABELS_EACH))
     names = [f"annotator{i:02d}" for i in range(ANNOTATORS)]

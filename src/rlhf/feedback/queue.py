@@ -42,6 +42,15 @@ def _served(item, assignment) -> dict:
             "responses": [candidates[i] for i in order]}
 
 
+def _active(cfg: QueueConfig, item_id):
+    """How many annotators an item has: finished assignments, and open ones younger than the TTL (so that
+    a closed tab does not block an item for ever)."""
+    cutoff = time.time() - cfg.assignment_ttl_minutes * 60
+    return (sa.select(sa.func.count()).select_from(assignments)
+            .where(assignments.c.item_id == item_id, sa.or_(assignments.c.done, assignments.c.served_at > cutoff))
+            .scalar_subquery())
+
+
 def _pick_item(conn, user: User, cfg: QueueConfig, gold: bool, for_update: bool):
     """The first item this user has not had that still needs annotators (gold: any gold item they have not seen)."""
     mine = sa.select(assignments.c.item_id).where(assignments.c.user_id == user.id)
@@ -49,15 +58,19 @@ def _pick_item(conn, user: User, cfg: QueueConfig, gold: bool, for_update: bool)
     if gold:
         query = query.where(items.c.gold.is_not(None))
     else:
-        cutoff = time.time() - cfg.assignment_ttl_minutes * 60
-        # Assignments abandoned for longer than the TTL stop counting, so a closed tab does not block an item.
-        active = (sa.select(sa.func.count()).select_from(assignments)
-                  .where(assignments.c.item_id == items.c.id, sa.or_(assignments.c.done, assignments.c.served_at > cutoff))
-                  .scalar_subquery())
-        query = query.where(items.c.gold.is_(None), active < items.c.target)
-    if for_update:  # PostgreSQL: concurrent requests skip an item another one is taking, instead of waiting for it
-        query = query.with_for_update(skip_locked=True, of=items)
-    return conn.execute(query).first()
+        query = query.where(items.c.gold.is_(None), _active(cfg, items.c.id) < items.c.target)
+    if not for_update:  # SQLite: one writer at a time, so the count cannot change under us
+        return conn.execute(query).first()
+    # PostgreSQL: concurrent requests skip an item another one is taking instead of waiting for it. The
+    # count in the query is of the statement's snapshot, which may predate an assignment committed just
+    # before the lock was taken; holding the lock, count again (a new statement sees every commit) and
+    # move on when the item has filled up meanwhile.
+    query, full = query.with_for_update(skip_locked=True, of=items), []
+    while (item := conn.execute(query.where(items.c.id.not_in(full)) if full else query).first()) is not None:
+        if gold or conn.execute(sa.select(_active(cfg, item.id))).scalar_one() < item.target:
+            return item
+        full.append(item.id)
+    return None
 
 
 def next_assignment(store: Store, user: User, cfg: QueueConfig) -> dict | None:
@@ -89,13 +102,9 @@ def progress(store: Store, user: User, cfg: QueueConfig) -> dict:
     """The user's labels so far, and how many more non-gold items they could still be given."""
     with store.read() as conn:
         done = conn.execute(sa.select(sa.func.count()).select_from(labels).where(labels.c.user_id == user.id)).scalar_one()
-        cutoff = time.time() - cfg.assignment_ttl_minutes * 60
-        active = (sa.select(sa.func.count()).select_from(assignments)
-                  .where(assignments.c.item_id == items.c.id, sa.or_(assignments.c.done, assignments.c.served_at > cutoff))
-                  .scalar_subquery())
         mine = sa.select(assignments.c.item_id).where(assignments.c.user_id == user.id)
-        left = conn.execute(sa.select(sa.func.count()).select_from(items)
-                            .where(items.c.gold.is_(None), items.c.id.not_in(mine), active < items.c.target)).scalar_one()
+        left = conn.execute(sa.select(sa.func.count()).select_from(items).where(
+            items.c.gold.is_(None), items.c.id.not_in(mine), _active(cfg, items.c.id) < items.c.target)).scalar_one()
     return {"done": done, "remaining": left}
 
 

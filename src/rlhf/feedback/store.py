@@ -6,7 +6,8 @@ Every SQLite transaction starts with ``BEGIN IMMEDIATE``, which takes the write 
 check-then-insert of "give this user the next item" cannot interleave with another request's (the
 default deferred BEGIN would let two readers race and then fail to upgrade their locks). Any other
 SQLAlchemy URL works too (PostgreSQL: ``postgresql+psycopg://user@host/db``); there the item choice
-locks the item row with ``SELECT ... FOR UPDATE``.
+locks the item row with ``SELECT ... FOR UPDATE SKIP LOCKED`` and counts its annotators again under the
+lock (see ``queue._pick_item``).
 
 Nothing lives only in memory: sessions are rows too, so a restarted server keeps everyone logged in.
 The schema carries an explicit version in the ``meta`` table; :data:`MIGRATIONS` lists the steps from
