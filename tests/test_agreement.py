@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 
@@ -178,9 +179,30 @@ def test_annotator_report_flags_the_random_rater():
     assert report["mean_kappa"]["coin"] == pytest.approx(
         (ks["ann|coin"]["kappa"] + ks["bob|coin"]["kappa"] + ks["cat|coin"]["kappa"]) / 3)
     json.loads(json.dumps(report))  # JSON-serialisable as is
-    # A stricter threshold flags more; a threshold below every mean flags nobody.
+    # A stricter threshold flags more; a threshold below every mean flags nobody. With a threshold no one
+    # reaches, flagging goes on until one annotator is left with nobody to agree with: no evidence on them.
     assert annotator_report(units, flag_below=-1.0)["flagged"] == []
-    assert annotator_report(units, flag_below=1.0)["flagged"] == ["ann", "bob", "cat", "coin"]
+    strict = annotator_report(units, flag_below=1.0)["flagged"]
+    assert len(strict) == 3 and "coin" in strict
+
+
+def test_a_random_rater_does_not_drag_a_noisy_honest_rater_below_the_line():
+    # 160 items, half "A": ann and bob give the truth, weak agrees with it on 100 (kappa 0.25 with each),
+    # coin is exactly independent of all three (kappa 0: "A" on half of each truth x weak cell).
+    truth = ["A"] * 80 + ["B"] * 80
+    flip = set(range(30)) | set(range(80, 110))  # 60 flips, 30 per class: balanced marginals
+    weak = [("B" if t == "A" else "A") if i in flip else t for i, t in enumerate(truth)]
+    coin, seen = [], Counter()
+    for t, w in zip(truth, weak):
+        seen[t, w] += 1
+        coin.append("A" if seen[t, w] % 2 else "B")
+    units = {i: {"ann": truth[i], "bob": truth[i], "weak": weak[i], "coin": coin[i]} for i in range(160)}
+    report = annotator_report(units)
+    ks = {k: v["kappa"] for k, v in report["kappa"].items()}
+    assert ks["ann|weak"] == pytest.approx(0.25) and ks["ann|coin"] == pytest.approx(0.0) and ks["ann|bob"] == 1.0
+    # Over all pairs weak's mean is (0.25 + 0.25 + 0) / 3 = 0.167 < 0.2; without the coin it is 0.25.
+    assert report["mean_kappa"]["weak"] == pytest.approx(0.5 / 3)
+    assert report["flagged"] == ["coin"]
 
 
 def test_annotator_report_without_overlap():

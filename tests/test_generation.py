@@ -1,10 +1,12 @@
 """Batched generation and atomic outputs."""
 
 import pytest
+import torch
+from transformers import LogitsProcessorList
 
 from rlhf.config import GenerationConfig
 from rlhf.fsutil import atomic_dir
-from rlhf.models.generation import generate, truncate_at_eos
+from rlhf.models.generation import InverseCDFSampler, generate, sampling_processors, truncate_at_eos
 from rlhf.models.loading import load_causal_lm
 from rlhf.report.metrics import MetricsLogger, read_metrics
 
@@ -24,6 +26,42 @@ def test_batched_generation_keeps_prompt_order_and_matches_unbatched(tiny_llama)
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
     assert all(len(g.token_ids) <= 6 for g in batched)
     assert all(g.ended == (g.token_ids[-1] == tok.eos_token_id) for g in batched if g.token_ids)
+
+
+def draw(processors, scores: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The tokens a greedy step takes after ``processors``: (B, V) scores -> (B,)."""
+    torch.manual_seed(seed)
+    return processors(torch.zeros(scores.shape[0], 1, dtype=torch.long), scores.clone()).argmax(-1)
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    # 200,000 rows of one distribution: each token's share is its probability (binomial sd < 0.0012),
+    # and a token of probability 0 (score -inf) is never drawn.
+    logits = torch.tensor([2.0, 1.0, 0.0, -float("inf"), -1.0, 0.5])
+    p = torch.softmax(logits, -1)
+    tokens = draw(LogitsProcessorList([InverseCDFSampler()]), logits.expand(200_000, -1))
+    share = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    assert share[3] == 0
+    assert share.tolist() == pytest.approx(p.tolist(), abs=0.005)
+    # the draw is the global generator's: the same seed gives the same tokens, another seed others
+    assert torch.equal(draw(LogitsProcessorList([InverseCDFSampler()]), logits.expand(64, -1), seed=1),
+                       draw(LogitsProcessorList([InverseCDFSampler()]), logits.expand(64, -1), seed=1))
+    assert not torch.equal(tokens[:64], draw(LogitsProcessorList([InverseCDFSampler()]), logits.expand(64, -1), seed=1))
+
+
+def test_sampling_processors_apply_temperature_and_top_p_before_sampling():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).expand(100_000, -1)
+    hot = draw(sampling_processors(GenerationConfig(do_sample=True, temperature=2.0)), logits)
+    share = torch.bincount(hot, minlength=4).double() / len(hot)
+    assert share.tolist() == pytest.approx(torch.softmax(logits[0] / 2.0, -1).tolist(), abs=0.005)
+    # top_p 0.7: the nucleus is the two most likely tokens (0.644 < 0.7 <= 0.644 + 0.237), renormalised
+    nucleus = draw(sampling_processors(GenerationConfig(do_sample=True, top_p=0.7)), logits)
+    share = torch.bincount(nucleus, minlength=4).double() / len(nucleus)
+    p = torch.softmax(logits[0], -1)[:2]
+    assert share[2:].tolist() == [0.0, 0.0]
+    assert share[:2].tolist() == pytest.approx((p / p.sum()).tolist(), abs=0.005)
+    # greedy: no sampler, the processors leave the scores to generate's argmax
+    assert len(sampling_processors(GenerationConfig(do_sample=False))) == 0
 
 
 def test_atomic_dir_keeps_the_old_output_when_writing_fails(tmp_path):

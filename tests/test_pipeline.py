@@ -90,7 +90,9 @@ def test_reward_model_is_trained_on_sft_samples_without_the_random_clicker(tiny_
     rows = [json.loads(line) for line in (tiny_run / "prefs" / "train.jsonl").read_text().splitlines()]
     assert {r["annotator"] for r in rows} == {"careful", "average", "length_lover", "random_clicker"}
     stage = json.loads((tiny_run / "rm" / "stage.json").read_text())
-    assert stage["dropped_annotators"] == ["random_clicker"]
+    # The tiny run shares only 10-60 items per pair of annotators, so another noisy rater can fall below the
+    # line too; the random clicker must go and the careful one stay (test_agreement checks the statistic).
+    assert "random_clicker" in stage["dropped_annotators"] and "careful" not in stage["dropped_annotators"]
     assert stage["pairs"] + stage["val_pairs"] < len(rows)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_run / "rm")
     assert rm.config.num_labels == 1 and rm.config.reward_std > 0

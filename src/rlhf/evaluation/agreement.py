@@ -154,13 +154,27 @@ def pairwise_kappa(units: Units) -> dict[str, dict]:
     return {f"{a}|{b}": {"kappa": kappa, "n": n} for (a, b), (kappa, n) in _pairwise(units).items()}
 
 
+def _mean_kappas(pairs: dict[tuple[Hashable, Hashable], tuple[float | None, int]], raters: Sequence[Hashable]
+                 ) -> dict[Hashable, float | None]:
+    """Each rater's mean kappa over the computable pairs with the other ``raters`` (None without any)."""
+    per_rater: dict[Hashable, list[float]] = {r: [] for r in raters}
+    for (a, b), (kappa, _n) in pairs.items():
+        if kappa is not None and a in per_rater and b in per_rater:
+            per_rater[a].append(kappa)
+            per_rater[b].append(kappa)
+    return {r: (sum(ks) / len(ks) if ks else None) for r, ks in per_rater.items()}
+
+
 def annotator_report(units: Units, *, flag_below: float = DEFAULT_FLAG_BELOW) -> dict[str, Any]:
     """Every agreement statistic in one JSON-serialisable dictionary, for the RM evaluation and admin page.
 
     ``flagged`` lists (sorted) the annotators whose mean pairwise kappa with the others is below
     ``flag_below``. The default 0.2 is the top of "slight" agreement on the Landis & Koch (1977) scale,
     which is where a rater who labels at random lands (kappa ~ 0 plus sampling noise), so they are
-    flagged for review. Annotators with no computable kappa are not flagged: there is no evidence yet.
+    flagged for review. Flagging is one annotator at a time, worst first, and a flagged annotator's
+    kappas no longer count in the others' means: agreeing with a random rater is nobody's fault, and
+    without this one coin-flipper drags an honest but noisy rater below the line. Annotators with no
+    computable kappa are not flagged: there is no evidence yet. ``mean_kappa`` is over all pairs.
     """
     annotators = _annotators(units)
     overlapping = {item: ratings for item, ratings in units.items() if len(ratings) >= 2}
@@ -169,12 +183,15 @@ def annotator_report(units: Units, *, flag_below: float = DEFAULT_FLAG_BELOW) ->
     except ValueError:
         alpha = None
     pairs = _pairwise(units)
-    per_annotator: dict[Hashable, list[float]] = {r: [] for r in annotators}
-    for (a, b), (kappa, _n) in pairs.items():
-        if kappa is not None:
-            per_annotator[a].append(kappa)
-            per_annotator[b].append(kappa)
-    mean_kappa = {r: (sum(ks) / len(ks) if ks else None) for r, ks in per_annotator.items()}
+    mean_kappa = _mean_kappas(pairs, annotators)
+    flagged: list[Hashable] = []
+    while True:
+        means = _mean_kappas(pairs, [r for r in annotators if r not in flagged])
+        scored = [r for r, k in means.items() if k is not None]
+        worst = min(scored, key=lambda r: means[r], default=None)
+        if worst is None or means[worst] >= flag_below:
+            break
+        flagged.append(worst)
     labels = Counter(r for ratings in units.values() for r in ratings)
     return {
         "items": len(units),
@@ -184,7 +201,7 @@ def annotator_report(units: Units, *, flag_below: float = DEFAULT_FLAG_BELOW) ->
         "kappa": {f"{a}|{b}": {"kappa": kappa, "n": n} for (a, b), (kappa, n) in pairs.items()},
         "mean_kappa": mean_kappa,
         "agreement_with_majority": agreement_with_majority(units),
-        "flagged": sorted((r for r, k in mean_kappa.items() if k is not None and k < flag_below), key=str),
+        "flagged": sorted(flagged, key=str),
     }
 
 

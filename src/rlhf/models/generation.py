@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 
 from rlhf.config import GenerationConfig
 from rlhf.data.chat import Message, encode_text, pad_left, render_prompt
@@ -52,11 +53,37 @@ def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
-def sampling_kwargs(cfg: GenerationConfig) -> dict:
-    """``model.generate`` arguments for the config: pure temperature/top-p sampling (top_k off) or greedy."""
+class InverseCDFSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(scores) and returns scores that put all mass on it.
+
+    Placed last in the processor list of a greedy ``generate``, it turns greedy decoding into sampling
+    from the processed distribution (temperature, top-p and any steering already applied). Why not
+    ``do_sample=True``: ``torch.multinomial`` draws one random number per vocabulary entry, which on a
+    CPU costs more than a tiny model's whole decode step; inverse-CDF sampling draws one per row and
+    has the same distribution. The uniforms come from torch's global generator, so a seed fixes them.
+    """
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)  # (B, V) fp64: tiny masses stay drawable
+        total = cdf[:, -1:]  # (B, 1) 1 up to rounding
+        u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never past the end
+        # right=True: the first index whose CDF exceeds u, which is never a token of probability 0.
+        token = torch.searchsorted(cdf, u, right=True)  # (B, 1)
+        return torch.full_like(scores, -float("inf")).scatter_(1, token, 0.0)
+
+
+def sampling_processors(cfg: GenerationConfig, logits_processor=None) -> LogitsProcessorList:
+    """The processors of one generate call: the caller's (steering), then for sampling temperature,
+    top-p (top-k off) and the sampler; ``generate`` itself then runs greedy, i.e. takes the sampled token."""
+    procs = LogitsProcessorList(logits_processor or [])
     if cfg.do_sample:
-        return dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-    return dict(do_sample=False)
+        if cfg.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_p < 1.0:
+            procs.append(TopPLogitsWarper(cfg.top_p))
+        procs.append(InverseCDFSampler())
+    return procs
 
 
 @torch.no_grad()
@@ -65,7 +92,7 @@ def sample_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, batch: di
     """Responses (B, A) to left-padded prompts (B, P): KV cache on, sequences that stopped padded with pad."""
     out = model.generate(
         **batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop),
-        logits_processor=logits_processor, use_cache=True, **sampling_kwargs(cfg),
+        logits_processor=sampling_processors(cfg, logits_processor), use_cache=True, do_sample=False,
     )  # (B, P + A)
     return out[:, batch["input_ids"].shape[1]:]
 

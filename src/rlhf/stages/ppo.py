@@ -61,6 +61,7 @@ from rlhf.models.policy import ValueHead, gather_logprobs, response_hidden, resp
 from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders
 from rlhf.report.metrics import MetricsLogger
 from rlhf.report.progress import progress_bar
+from rlhf.training import can_fuse
 from rlhf.world import judge_prompt, parse_prompt
 
 log = logging.getLogger("rlhf.ppo")
@@ -260,9 +261,11 @@ class PPORun:
         self.ptx = load_ptx(cfg, self.m.tok) if cfg.ptx_coef > 0 else []
         self.processor = steering(cfg, self.m.tok)
         policy_params = [p for p in self.m.policy.parameters() if p.requires_grad]
-        self.policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-5)
-        self.critic_opt = torch.optim.AdamW(self.m.critic_parameters(), lr=cfg.critic_lr or cfg.lr,
-                                            weight_decay=cfg.weight_decay, eps=1e-5)
+        critic_params = self.m.critic_parameters()
+        self.policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-5,
+                                            fused=can_fuse(policy_params))
+        self.critic_opt = torch.optim.AdamW(critic_params, lr=cfg.critic_lr or cfg.lr, weight_decay=cfg.weight_decay,
+                                            eps=1e-5, fused=can_fuse(critic_params))
         self.kl_ctl = kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
         self.iteration = 0
 
@@ -388,7 +391,8 @@ class PPORun:
         pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
         values = m.values(ids, am, ro.n_prompt, hidden)
         vf_loss, vf = value_loss(values, ro.values[idx, :width], ro.returns[idx, :width], mask, cfg.cliprange_value)
-        entropy = masked_mean(entropy_from_logits(logits), mask)
+        with torch.set_grad_enabled(cfg.ent_coef != 0):  # without a bonus it is a statistic: no backward through it
+            entropy = masked_mean(entropy_from_logits(logits), mask)
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
         ptx_loss = self._ptx_loss() if self.ptx else None
         if ptx_loss is not None:
