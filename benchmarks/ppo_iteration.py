@@ -17,7 +17,7 @@ Sides, each in its own fresh Python process with ``torch.set_num_threads(--threa
 checkpointing, sampling at temperature 1 (top_p 1, no top-k) up to ``--max-new-tokens``, ``--batch-size``
 completions per optimiser step, generated in one ``generate`` call with the KV cache:
 
-  - ``ours``: ``PPORun.step()`` with ``ppo_epochs=1`` and ``mini_batch_size=--mini-batch-size`` (default: the
+  - ``ours``: ``PPORun.step()`` (``generation.sampler`` = ``--sampler``) with ``ppo_epochs=1`` and ``mini_batch_size=--mini-batch-size`` (default: the
     whole batch, one optimiser step per model): rollout (1 generate, 2 reward-model score, 3 policy and
     reference log-probs and critic values, 4 per-token KL rewards, 5 GAE) and update (6: policy and critic
     forward/backward, clipping, two AdamW steps). One response to each of ``batch_size`` prompts.
@@ -61,7 +61,7 @@ KEY, UNIT = "samples_per_sec", "samples/s"
 PEERS = ("grpo", "rloo")
 DEFAULT_EPOCHS, DEFAULT_MINIBATCHES = 4, 4  # PPOConfig's defaults: 4 epochs, batch 64 in minibatches of 16
 FLAGS = ("steps", "warmup", "batch_size", "mini_batch_size", "num_generations", "max_new_tokens", "beta", "threads",
-         "lr", "seed")  # options the parent passes to its workers
+         "lr", "seed", "sampler")  # options the parent passes to its workers
 
 # ----------------------------------------------------------------------------------------------------
 # Setup (parent process): prompts and the reward-model folder (the policy: common.build_model_dir)
@@ -138,7 +138,7 @@ def ppo_config(a: argparse.Namespace, out: str):
         policy=a.model, reward_model=a.reward_model, prompts=a.rows, out=out, iterations=a.steps, seed=a.seed,
         batch_size=a.batch_size, mini_batch_size=mini, ppo_epochs=epochs, lr=a.lr, kl=dict(coef=a.beta),
         generation=dict(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=a.max_new_tokens,
-                        batch_size=a.batch_size),
+                        batch_size=a.batch_size, sampler=a.sampler),
         missing_eos_score=None))
 
 
@@ -152,7 +152,8 @@ def ours_settings(run) -> dict:
             "critic": "reward-model copy" if m.critic is not None else "value head", "ppo_epochs": cfg.ppo_epochs,
             "mini_batch_size": cfg.mini_batch_size, "completions_per_iteration": cfg.batch_size,
             "generation_batch_size": cfg.generation.batch_size, "max_new_tokens": cfg.generation.max_new_tokens,
-            "temperature": cfg.generation.temperature, "top_p": cfg.generation.top_p, "kl_coef": cfg.kl.coef,
+            "temperature": cfg.generation.temperature, "top_p": cfg.generation.top_p, "sampler": cfg.generation.sampler,
+            "kl_coef": cfg.kl.coef,
             "optimizer": "torch.optim.AdamW (policy) + torch.optim.AdamW (critic)", "threads": torch.get_num_threads()}
 
 
@@ -335,7 +336,7 @@ def print_results(results: list[dict], a: argparse.Namespace) -> None:
               f"{r['ratios']['ours/rloo']['ratio']:>9.2f} "
               f"{'/'.join(f'{share[s]:.0%}' for s in ('ours', *PEERS)):>25} "
               f"{'/'.join(f'{length[s]:.1f}' for s in ('ours', *PEERS)):>22}  {'same' if r['same_prompt_tokens'] else 'DIFFER'}")
-    print(f"samples/s = completions per step / step time (higher is better); ours = PPO, 1 epoch x "
+    print(f"samples/s = completions per step / step time (higher is better); ours = PPO ({a.sampler} sampler), 1 epoch x "
           f"{a.batch_size // a.mini_batch_size} minibatch(es), with reference, critic and reward model"
           + ("; ours4 = PPO defaults, 4 epochs x 4 minibatches" if four else ""))
     for r in results:
@@ -362,6 +363,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (constant, no warmup; both sides)")
     p.add_argument("--ppo-defaults", action=argparse.BooleanOptionalAction, default=True,
                    help="also time ours with PPO's default 4 epochs x 4 minibatches")
+    p.add_argument("--sampler", choices=("multinomial", "inverse_cdf"), default="multinomial",
+                   help="ours: generation.sampler (TRL always samples with torch.multinomial)")
     p.add_argument("--reward-model", help=argparse.SUPPRESS)
     add_quick(p, QUICK, argv)
     a = parse(p, argv)

@@ -6,7 +6,7 @@ from transformers import LogitsProcessorList
 
 from rlhf.config import GenerationConfig
 from rlhf.fsutil import atomic_dir
-from rlhf.models.generation import InverseCDFSampler, generate, sampling_processors, truncate_at_eos
+from rlhf.models.generation import InverseCDFSampler, generate, generate_kwargs, sampling_processors, truncate_at_eos
 from rlhf.models.loading import load_causal_lm
 from rlhf.report.metrics import MetricsLogger, read_metrics
 
@@ -60,8 +60,26 @@ def test_sampling_processors_apply_temperature_and_top_p_before_sampling():
     p = torch.softmax(logits[0], -1)[:2]
     assert share[2:].tolist() == [0.0, 0.0]
     assert share[:2].tolist() == pytest.approx((p / p.sum()).tolist(), abs=0.005)
-    # greedy: no sampler, the processors leave the scores to generate's argmax
-    assert len(sampling_processors(GenerationConfig(do_sample=False))) == 0
+
+
+
+def test_generate_kwargs_pick_the_decoding():
+    assert generate_kwargs(GenerationConfig(do_sample=False)) == {"do_sample": False, "logits_processor": None}
+    multinomial = generate_kwargs(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
+    assert multinomial["do_sample"] and (multinomial["temperature"], multinomial["top_p"], multinomial["top_k"]) == (0.7, 0.9, 0)
+    steer = object()
+    inverse = generate_kwargs(GenerationConfig(do_sample=True, sampler="inverse_cdf"), [steer])
+    assert not inverse["do_sample"]  # greedy takes the sampler's token
+    assert inverse["logits_processor"][0] is steer and isinstance(inverse["logits_processor"][-1], InverseCDFSampler)
+
+
+def test_inverse_cdf_generation_is_seeded(tiny_llama):
+    model, tok = load_causal_lm(tiny_llama)
+    prompts = [[{"role": "user", "content": t}] for t in ("Hi", "What is 3 + 4?")] * 4
+    cfg = GenerationConfig(do_sample=True, sampler="inverse_cdf", max_new_tokens=8, batch_size=8)
+    first, again, other = (generate(model, tok, prompts, cfg, seed=s) for s in (0, 0, 1))
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert [g.token_ids for g in first] != [g.token_ids for g in other]
 
 
 def test_atomic_dir_keeps_the_old_output_when_writing_fails(tmp_path):

@@ -250,6 +250,9 @@ class GenerationConfig:
     """Sampling temperature (do_sample only)."""
     top_p: float = 1.0
     """Nucleus sampling mass (do_sample only)."""
+    sampler: Literal["multinomial", "inverse_cdf"] = "multinomial"
+    """How a token is drawn (do_sample only): multinomial (generate's own torch.multinomial) or inverse_cdf
+    (the same distribution from one uniform per row: much cheaper on CPU; a different random stream)."""
     batch_size: int = 64
     """Prompts per generation batch (left-padded)."""
 

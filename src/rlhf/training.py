@@ -50,14 +50,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    # The fused kernel does the whole update in one pass (about 3x faster than the loop on CPU).
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95 if cfg.weight_decay else 0.999),
-                             fused=can_fuse(params))
-
-
-def can_fuse(params: list[torch.nn.Parameter]) -> bool:
-    """Whether AdamW's fused kernel takes these parameters. It does the whole update in one pass (about 3x
-    faster than the per-tensor loop on CPU)."""
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+                             fused=fused)
 
 
 def native_bf16() -> bool:

@@ -54,13 +54,15 @@ def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
 
 
 class InverseCDFSampler(LogitsProcessor):
-    """Draws each row's next token from softmax(scores) and returns scores that put all mass on it.
+    """Draws each row's next token from softmax(scores) and returns scores that put all mass on it
+    (``generation.sampler: inverse_cdf``).
 
     Placed last in the processor list of a greedy ``generate``, it turns greedy decoding into sampling
-    from the processed distribution (temperature, top-p and any steering already applied). Why not
-    ``do_sample=True``: ``torch.multinomial`` draws one random number per vocabulary entry, which on a
-    CPU costs more than a tiny model's whole decode step; inverse-CDF sampling draws one per row and
-    has the same distribution. The uniforms come from torch's global generator, so a seed fixes them.
+    from the processed distribution (temperature, top-p and any steering already applied). Why:
+    ``torch.multinomial`` draws one random number per vocabulary entry, which on a CPU can cost a good
+    share of a tiny model's decode step; inverse-CDF sampling draws one per row, from the same
+    distribution but a different random stream. The uniforms come from torch's global generator, so a
+    seed fixes them.
     """
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -74,16 +76,25 @@ class InverseCDFSampler(LogitsProcessor):
 
 
 def sampling_processors(cfg: GenerationConfig, logits_processor=None) -> LogitsProcessorList:
-    """The processors of one generate call: the caller's (steering), then for sampling temperature,
-    top-p (top-k off) and the sampler; ``generate`` itself then runs greedy, i.e. takes the sampled token."""
+    """The processors of one greedy-mode generate call with the inverse-CDF sampler: the caller's
+    (steering), then temperature, top-p (top-k off) and the sampler, whose token generate then takes."""
     procs = LogitsProcessorList(logits_processor or [])
-    if cfg.do_sample:
-        if cfg.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(cfg.temperature))
-        if cfg.top_p < 1.0:
-            procs.append(TopPLogitsWarper(cfg.top_p))
-        procs.append(InverseCDFSampler())
+    if cfg.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_p < 1.0:
+        procs.append(TopPLogitsWarper(cfg.top_p))
+    procs.append(InverseCDFSampler())
     return procs
+
+
+def generate_kwargs(cfg: GenerationConfig, logits_processor=None) -> dict:
+    """``model.generate`` arguments for the config's decoding: greedy, generate's own multinomial sampling
+    (temperature/top-p, top-k off) or greedy behind the inverse-CDF sampler."""
+    if not cfg.do_sample:
+        return dict(do_sample=False, logits_processor=logits_processor)
+    if cfg.sampler == "inverse_cdf":
+        return dict(do_sample=False, logits_processor=sampling_processors(cfg, logits_processor))
+    return dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, logits_processor=logits_processor)
 
 
 @torch.no_grad()
@@ -92,7 +103,7 @@ def sample_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, batch: di
     """Responses (B, A) to left-padded prompts (B, P): KV cache on, sequences that stopped padded with pad."""
     out = model.generate(
         **batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop),
-        logits_processor=sampling_processors(cfg, logits_processor), use_cache=True, do_sample=False,
+        use_cache=True, **generate_kwargs(cfg, logits_processor),
     )  # (B, P + A)
     return out[:, batch["input_ids"].shape[1]:]
 

@@ -61,7 +61,6 @@ from rlhf.models.policy import ValueHead, gather_logprobs, response_hidden, resp
 from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders
 from rlhf.report.metrics import MetricsLogger
 from rlhf.report.progress import progress_bar
-from rlhf.training import can_fuse
 from rlhf.world import judge_prompt, parse_prompt
 
 log = logging.getLogger("rlhf.ppo")
@@ -261,11 +260,9 @@ class PPORun:
         self.ptx = load_ptx(cfg, self.m.tok) if cfg.ptx_coef > 0 else []
         self.processor = steering(cfg, self.m.tok)
         policy_params = [p for p in self.m.policy.parameters() if p.requires_grad]
-        critic_params = self.m.critic_parameters()
-        self.policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-5,
-                                            fused=can_fuse(policy_params))
-        self.critic_opt = torch.optim.AdamW(critic_params, lr=cfg.critic_lr or cfg.lr, weight_decay=cfg.weight_decay,
-                                            eps=1e-5, fused=can_fuse(critic_params))
+        self.policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-5)
+        self.critic_opt = torch.optim.AdamW(self.m.critic_parameters(), lr=cfg.critic_lr or cfg.lr,
+                                            weight_decay=cfg.weight_decay, eps=1e-5)
         self.kl_ctl = kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
         self.iteration = 0
 
