@@ -62,7 +62,6 @@ def test_sampling_processors_apply_temperature_and_top_p_before_sampling():
     assert share[:2].tolist() == pytest.approx((p / p.sum()).tolist(), abs=0.005)
 
 
-
 def test_generate_kwargs_pick_the_decoding():
     assert generate_kwargs(GenerationConfig(do_sample=False)) == {"do_sample": False, "logits_processor": None}
     multinomial = generate_kwargs(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
