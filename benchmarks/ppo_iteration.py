@@ -18,8 +18,9 @@ checkpointing, sampling at temperature 1 (top_p 1, no top-k) up to ``--max-new-t
 completions per optimiser step, generated in one ``generate`` call with the KV cache:
 
   - ``ours``: ``PPORun.step()`` (``generation.sampler`` = ``--sampler``) with ``ppo_epochs=1`` and
-    ``mini_batch_size=--mini-batch-size`` (default: the whole batch, one optimiser step per model): rollout (1 generate, 2 reward-model score, 3 policy and
-    reference log-probs and critic values, 4 per-token KL rewards, 5 GAE) and update (6: policy and critic
+    ``mini_batch_size=--mini-batch-size`` (default: the whole batch, one optimiser step per model): rollout
+    (1 generate, 2 reward-model score, 3 policy and reference log-probs and critic values, 4 per-token KL
+    rewards, 5 GAE) and update (6: policy and critic
     forward/backward, clipping, two AdamW steps). One response to each of ``batch_size`` prompts.
   - ``ours4``: the same with PPO's usual defaults, 4 epochs x 4 minibatches (16 optimiser steps per model per
     iteration); more work per sample, shown for reference (``--no-ppo-defaults`` skips it).
