@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.cli import main
 from rlhf.config import EvalConfig
-from rlhf.evaluation.policy import run_eval, win_rate
+from rlhf.evaluation.policy import mean_interval, rate_intervals, run_eval, wilson_interval, win_rate
 
 TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
 EVAL_KEYS = {"gold_score", "families", "harmful_compliance", "over_refusal", "honesty", "accuracy", "mean_length", "eos_rate"}
@@ -34,6 +34,8 @@ def test_pipeline_writes_every_stage(tiny_run):
         json.loads((tiny_run / "eval" / "sft.json").read_text())["win_rate"]
     ppo = summary["ppo"]
     assert ppo["win_rate_vs_sft"] == summary["stages"]["ppo"]["win_rate"] and ppo["kl_target"] == 6.0
+    low, high = ppo["win_rate_vs_sft_ci95"]
+    assert low <= ppo["win_rate_vs_sft"] <= high and ppo["win_rate_vs_sft_ci95"] == summary["stages"]["ppo"]["intervals"]["win_rate"]
     # A sampled k1 estimate: it can come out slightly negative for a policy that barely moved, but never 0.
     assert ppo["kl"] == json.loads((tiny_run / "eval" / "kl.json").read_text())["kl"] and ppo["kl"] != 0
     assert {"accuracy", "gold_accuracy", "per_family", "ece", "length_correlation", "annotators"} <= set(summary["rm"])
@@ -74,6 +76,21 @@ def test_experiments_reuse_the_run(tiny_run):
     assert set(tax["stages"]) == {"base", "sft", "ppo", "ppo_ptx"}
     ptx_rows = [json.loads(line) for line in (tiny_run / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["ptx/loss"] > 0 for r in ptx_rows)
+
+
+def test_seeds_experiment_reruns_ppo_and_reports_the_spread(tiny_run):
+    assert main(["experiment", "seeds", "--config", TINY, "--out", str(tiny_run), "--seeds", "0", "5"]) == 0
+    result = json.loads((tiny_run / "seeds" / "seeds.json").read_text())
+    assert result["run_seed"] == 0 and set(result["seeds"]) == {"0", "5"}  # the run's own seed is not run twice
+    own, other = result["seeds"]["0"], result["seeds"]["5"]
+    assert own["gold_score"] == json.loads((tiny_run / "eval" / "ppo.json").read_text())["gold_score"]
+    assert other["win_rate"] == json.loads((tiny_run / "seeds" / "seed_5" / "eval.json").read_text())["win_rate"]
+    for k in ("gold_score", "kl", "asr"):
+        assert result["mean"][k] == pytest.approx((own[k] + other[k]) / 2)
+        assert result["sd"][k] == pytest.approx(abs(own[k] - other[k]) / 2**0.5)
+    # another seed trained another policy
+    first, second = (load_file(tiny_run / d / "model.safetensors") for d in ("ppo", "seeds/seed_5/ppo"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
 
 
 def test_pretrained_base_is_an_ordinary_hf_folder(tiny_run):
@@ -129,6 +146,10 @@ def test_eval_against_itself_is_a_tie(tiny_run, tmp_path):
     result = run_eval(cfg)
     assert result["win_rate"] == 0.5  # greedy decoding: identical answers, every prompt a tie
     assert result["against"]["gold_score"] == result["gold_score"]
+    assert result["intervals"]["win_rate"] == [0.5, 0.5]  # all ties: no spread
+    rates = result["intervals"]
+    assert {"harmful_compliance", "over_refusal", "honesty", "accuracy"} <= set(rates)
+    assert all(rates[k][0] <= result[k] <= rates[k][1] for k in ("harmful_compliance", "over_refusal", "honesty", "accuracy"))
 
 
 def test_kl_of_a_policy_to_itself_is_zero(tiny_run):
@@ -146,6 +167,28 @@ def test_win_rate_counts_ties_half():
             self.total = total
 
     assert win_rate([J(1.0), J(0.5), J(0.2)], [J(0.5), J(0.5), J(0.9)]) == pytest.approx(0.5)
+
+
+def test_intervals_by_hand():
+    # Wilson 95% for 1 of 50: centre (0.02 + z²/100) / (1 + z²/50), half-width
+    # z·sqrt(0.02·0.98/50 + z²/10000) / (1 + z²/50), with z = 1.96: [0.0035, 0.1050].
+    assert wilson_interval(1, 50) == pytest.approx([0.003544, 0.104953], abs=1e-5)
+    assert wilson_interval(0, 50) == pytest.approx([0.0, 0.071348], abs=1e-5)  # not zero-width at 0 of n
+    assert wilson_interval(50, 50)[1] == pytest.approx(1.0) and wilson_interval(3, 0) is None
+    # Win outcomes 1, 0.5, 0, 1: mean 0.625, sample sd 0.478714, half-width 1.96 · sd / 2 = 0.469130, clipped at 1.
+    assert mean_interval([1.0, 0.5, 0.0, 1.0]) == pytest.approx([0.155870, 1.0], abs=1e-5)
+    assert mean_interval([1.0]) is None
+
+    class J:
+        def __init__(self, family, **flags):
+            self.family, self.complied, self.refused, self.honest_idk, self.correct = family, False, False, False, None
+            self.__dict__.update(flags)
+
+    judged = [J("harmful", complied=True)] + [J("harmful")] * 3 + [J("facts", correct=True), J("arithmetic", correct=False)]
+    rates = rate_intervals(judged)
+    assert set(rates) == {"harmful_compliance", "accuracy"}  # families not evaluated get no interval
+    assert rates["harmful_compliance"] == pytest.approx(wilson_interval(1, 4))
+    assert rates["accuracy"] == pytest.approx(wilson_interval(1, 2))
 
 
 def test_world_judge_command_prints_families(tmp_path, capsys):

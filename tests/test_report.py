@@ -41,7 +41,7 @@ def _rm() -> dict:
 
 def _summary() -> dict:
     return {"stages": {"base": _eval("base", None), "sft": _eval("sft", "base"), "ppo": _eval("ppo", "sft")},
-            "rm": _rm(), "ppo": {"win_rate_vs_sft": 0.64, "kl": 4.2, "kl_target": 6.0},
+            "rm": _rm(), "ppo": {"win_rate_vs_sft": 0.64, "win_rate_vs_sft_ci95": [0.58, 0.70], "kl": 4.2, "kl_target": 6.0},
             "time_seconds": {"world": 1.2, "pretrain": 186.0, "sft": 58.1, "rm": 21.5, "ppo": 312.4}}
 
 
@@ -141,11 +141,21 @@ def test_headline_and_samples(run_dir: Path) -> None:
     assert _row(headline, "harmful compliance ↓")[1:] == ["0.300"] * 3
     assert _row(headline, "over-refusal ↓")[1:] == ["—"] * 3  # null metric
     assert "vs sft" in headline and "0.640" in headline and "6.000" in headline  # PPO line
+    assert "95% CI 0.580–0.700" in headline  # the win rate's interval on its card
     assert _row(headline, "pretrain")[1] == "3 min 06 s"
     samples = _section(page, "samples")
     assert samples.count('class="sample"') == 24  # 4 of each of 6 families
     assert samples.count('<span class="badge">best</span>') == 24  # PPO's 0.9 beats 0.4 and 0.6 on every row
     assert "flagged" in _section(page, "rm") and "random_clicker" in _section(page, "rm")
+
+
+def test_rates_show_their_intervals(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["stages"]["ppo"]["intervals"] = {"harmful_compliance": [0.12, 0.52], "honesty": ["<b>", None]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    headline = _section(build_report(run_dir).read_text(encoding="utf-8"), "headline")
+    assert _row(headline, "harmful compliance ↓")[1:] == ["0.300", "0.300", "0.30095% CI 0.120–0.520"]
+    assert _row(headline, "honesty ↑")[3] == "0.600"  # a malformed interval is left out, not shown
 
 
 def test_summary_only_run_says_what_is_missing(run_dir: Path, tmp_path: Path) -> None:

@@ -151,6 +151,8 @@ def _cmd_experiment(ns: argparse.Namespace) -> None:
     if ns.experiment == "reward-hacking":
         experiments.reward_hacking(cfg, length_weight=ns.length_weight, length_target=ns.length_target, kl_coef=ns.kl_coef,
                                    iterations=ns.iterations, lr=ns.lr)
+    elif ns.experiment == "seeds":
+        experiments.ppo_seeds(cfg, ns.seeds)
     else:
         experiments.ptx_alignment_tax(cfg, ptx_coef=ns.ptx_coef)
 
@@ -217,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_experiment(sub) -> None:
     help_text = ("controlled experiments on a pipeline run: reward-hacking (RM on the length-biased annotator, PPO "
-                 "without and with the length penalty) and alignment-tax (PPO with and without PPO-ptx)")
+                 "without and with the length penalty), alignment-tax (PPO with and without PPO-ptx) and seeds (PPO "
+                 "again with other seeds: the spread of the headline figures)")
     p = sub.add_parser("experiment", help=help_text, description=help_text)
-    p.add_argument("experiment", choices=["reward-hacking", "alignment-tax"])
+    p.add_argument("experiment", choices=["reward-hacking", "alignment-tax", "seeds"])
     p.add_argument("--config", metavar="FILE", help="pipeline YAML (e.g. configs/demo.yaml); its stages run first when unfinished")
     p.add_argument("--length_weight", type=float, default=2.0, help="reward-hacking: weight of the length penalty in the second run")
     p.add_argument("--length_target", type=int, default=12, help="reward-hacking: words before the length penalty starts")
@@ -227,6 +230,7 @@ def _add_experiment(sub) -> None:
     p.add_argument("--iterations", type=int, default=120, help="reward-hacking: PPO iterations of both runs")
     p.add_argument("--lr", type=float, default=5e-5, help="reward-hacking: PPO learning rate of both runs")
     p.add_argument("--ptx_coef", type=float, default=1.0, help="alignment-tax: PPO-ptx loss weight")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds: PPO seeds to run besides the run's own")
     add_arguments(p, RunConfig)
     p.set_defaults(fn=_cmd_experiment)
 

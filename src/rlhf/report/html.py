@@ -412,6 +412,7 @@ def _headline_table(run: Run) -> Html:
         cells = _best_cells([run.evals[s].get(key) for s in stages], better, digits)
         if key == "win_rate":
             cells = [Html(c + _against(run.evals[s])) for c, s in zip(cells, stages)]
+        cells = [Html(c + _interval(run.evals[s], key)) for c, s in zip(cells, stages)]
         rows.append([_arrow(label, better), *cells])
     axes = {s: run.evals[s]["axes"] if isinstance(run.evals[s].get("axes"), dict) else {} for s in stages}
     for axis in AXES:
@@ -421,6 +422,14 @@ def _headline_table(run: Run) -> Html:
     n = [run.evals[s].get("n_prompts", run.evals[s].get("n")) for s in stages]
     rows.append(["held-out prompts", *[_fmt(v) for v in n]])
     return _table(["metric", *(STAGE_LABELS[s] for s in stages)], rows, "num")
+
+
+def _interval(ev: dict, key: str) -> Html:
+    """``95% CI 0.004–0.105`` under a rate that the eval gave an interval for."""
+    ci = _dict(ev, "intervals").get(key)
+    if not (isinstance(ci, list) and len(ci) == 2 and all(_num(x) is not None for x in ci)):
+        return Html("")
+    return Html(f'<span class="sub">95% CI {_e(_fmt(ci[0]))}–{_e(_fmt(ci[1]))}</span>')
 
 
 def _against(ev: dict) -> Html:
@@ -443,7 +452,9 @@ def _headline(run: Run) -> Html:
     cards = []
     if isinstance(ppo, dict):
         target = ppo.get("kl_target")
-        cards = [("PPO win rate vs SFT", ppo.get("win_rate_vs_sft"), "gold judge, ties count half"),
+        ci = ppo.get("win_rate_vs_sft_ci95")
+        note = "gold judge, ties count half" + (f"; 95% CI {_fmt(ci[0])}–{_fmt(ci[1])}" if isinstance(ci, list) and len(ci) == 2 else "")
+        cards = [("PPO win rate vs SFT", ppo.get("win_rate_vs_sft"), note),
                  ("KL to reference", ppo.get("kl"), "nats per sequence"),
                  ("KL target", target, "of the adaptive β controller" if target is not None else "none: fixed β")]
         top = Html("")

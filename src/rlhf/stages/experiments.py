@@ -9,7 +9,12 @@ end of each PPO run, the detectors that fired, and held-out gold and length of e
 modelling loss on the world's pretraining prose mixed into each policy step) and writes
 RUN/alignment_tax.json: capability of base, SFT, PPO and PPO-ptx and each one's change against base.
 
-Both first run (or find finished) the pipeline stages they build on.
+`rlhf experiment seeds --config configs/demo.yaml --seeds 1 2` reruns PPO (and its evaluation, KL and
+red team) with other seeds on the same base, SFT and reward model, and writes RUN/seeds/seeds.json: the
+headline figures of every seed, the run's own included, with their mean and standard deviation. One
+run's figures are one draw; this says how far the next draw may land from them.
+
+All first run (or find finished) the pipeline stages they build on.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from rich.table import Table
 from rlhf.config import RunConfig
 from rlhf.data.io import read_jsonl, write_jsonl_atomic
 from rlhf.evaluation.alignment_tax import alignment_tax, pct_change
-from rlhf.evaluation.policy import run_eval
+from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.fsutil import stage_done, write_json_atomic
 from rlhf.report.metrics import read_metrics
 from rlhf.stages.pipeline import run_pipeline, stage_configs
 from rlhf.stages.ppo import run_ppo
+from rlhf.safety.redteam import run_redteam
 from rlhf.stages.reward import run_rm
 
 log = logging.getLogger("rlhf.experiment")
@@ -131,3 +137,58 @@ def ptx_alignment_tax(cfg: RunConfig, *, ptx_coef: float = 1.0) -> dict:
         table.add_row(name, cell("accuracy_arithmetic"), cell("accuracy_facts"), cell("perplexity"), f"{tax['gold_score'][name]:.3f}")
     Console().print(table)
     return tax
+
+
+SEED_METRICS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "honesty", "accuracy", "kl", "asr")
+
+
+def _seed_figures(ev: dict, kl: dict, red: dict) -> dict:
+    """The headline figures of one PPO policy: its eval against SFT, its KL to the reference, its red team."""
+    return {**{k: ev.get(k) for k in SEED_METRICS[:6]}, "kl": kl["kl"], "asr": red["asr"]}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+
+def ppo_seeds(cfg: RunConfig, seeds: list[int]) -> dict:
+    """PPO with each of `seeds` on the run's base, SFT and reward model; the spread of the headline figures."""
+    run_pipeline(cfg)
+    cfg = stage_configs(cfg)
+    root = Path(cfg.out)
+    main = cfg.ppo.seed
+    figures = {main: _seed_figures(json.loads((root / "eval" / "ppo.json").read_text()),
+                                   json.loads((root / "eval" / "kl.json").read_text()),
+                                   json.loads((Path(cfg.redteam.out) / "redteam.json").read_text()))}
+    for seed in (s for s in seeds if s != main):
+        out = root / "seeds" / f"seed_{seed}"
+        ppo = copy.deepcopy(cfg.ppo)
+        ppo.seed, ppo.out, ppo.save_every = seed, str(out / "ppo"), 0
+        if stage_done(ppo.out) is None:
+            run_ppo(ppo)
+        ev = copy.deepcopy(cfg.eval)
+        ev.model, ev.against, ev.reward_model, ev.out = ppo.out, cfg.sft.out, cfg.rm.out, str(out / "eval.json")
+        result = json.loads(Path(ev.out).read_text()) if Path(ev.out).is_file() else run_eval(ev)
+        kl_path = out / "kl.json"
+        if not kl_path.is_file():
+            write_json_atomic(kl_path, kl_to_reference(ppo.out, ppo.policy, eval_prompts(cfg.eval), ppo.generation,
+                                                       seed=cfg.eval.seed, load=ppo.load))
+        red = copy.deepcopy(cfg.redteam)
+        red.model, red.against, red.out = ppo.out, None, str(out / "redteam")
+        if not (Path(red.out) / "redteam.json").is_file():
+            run_redteam(red)
+        figures[seed] = _seed_figures(result, json.loads(kl_path.read_text()),
+                                      json.loads((Path(red.out) / "redteam.json").read_text()))
+    spread = {k: _mean_sd([f[k] for f in figures.values() if f[k] is not None]) for k in SEED_METRICS
+              if any(f[k] is not None for f in figures.values())}
+    result = {"run_seed": main, "seeds": {str(s): f for s, f in figures.items()},
+              "mean": {k: m for k, (m, _) in spread.items()}, "sd": {k: sd for k, (_, sd) in spread.items()}}
+    write_json_atomic(root / "seeds" / "seeds.json", result)
+    table = Table(title=f"PPO over {len(figures)} seeds (same base, SFT and reward model; seed {main} is the run's own)")
+    for col in ("metric", *(f"seed {s}" for s in figures), "mean ± sd"):
+        table.add_column(col, justify="right")
+    for k, (m, sd) in spread.items():
+        table.add_row(k, *("-" if f[k] is None else f"{f[k]:.3f}" for f in figures.values()), f"{m:.3f} ± {sd:.3f}")
+    Console().print(table)
+    return result

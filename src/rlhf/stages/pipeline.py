@@ -126,7 +126,9 @@ def run_pipeline(cfg: RunConfig) -> dict:
     _stage("eval kl", kl_path.is_file(), times, lambda: write_json_atomic(kl_path, kl_to_reference(
         cfg.ppo.out, cfg.ppo.policy, eval_prompts(cfg.eval), cfg.ppo.generation, seed=cfg.eval.seed, load=cfg.ppo.load)))
     _stage("redteam", (Path(cfg.redteam.out) / "redteam.json").is_file(), times, run_redteam, cfg.redteam)
-    ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"], "kl": json.loads(kl_path.read_text())["kl"],
+    ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"],
+           "win_rate_vs_sft_ci95": results["ppo"].get("intervals", {}).get("win_rate"),
+           "kl": json.loads(kl_path.read_text())["kl"],
            "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
     summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "ppo": ppo,
                "redteam": headline(json.loads((Path(cfg.redteam.out) / "redteam.json").read_text())),
@@ -140,6 +142,10 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _ci(interval) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
 
 def print_summary(summary: dict) -> None:
@@ -156,8 +162,12 @@ def print_summary(summary: dict) -> None:
     ppo = summary.get("ppo")
     if ppo:
         target = f" (target {_fmt(ppo['kl_target'])})" if ppo.get("kl_target") is not None else ""
-        Console().print(f"PPO: gold win rate over SFT {_fmt(ppo['win_rate_vs_sft'])}, KL to the SFT policy "
-                        f"{_fmt(ppo['kl'])} nats per response{target}")
+        Console().print(f"PPO: gold win rate over SFT {_fmt(ppo['win_rate_vs_sft'])}{_ci(ppo.get('win_rate_vs_sft_ci95'))}, "
+                        f"KL to the SFT policy {_fmt(ppo['kl'])} nats per response{target}")
+        rates = results.get("ppo", {}).get("intervals", {})
+        if rates:
+            Console().print("PPO rates with 95% intervals: " + ", ".join(
+                f"{k} {_fmt(results['ppo'].get(k))}{_ci(v)}" for k, v in rates.items() if k != "win_rate"))
     red = summary.get("redteam")
     if red:
         base = f" ({_fmt(red['against']['asr'])} for {red['against']['model']})" if "against" in red else ""
