@@ -30,10 +30,10 @@ from rich.table import Table
 from rlhf.config import RunConfig
 from rlhf.data.io import read_jsonl, write_jsonl_atomic
 from rlhf.evaluation.alignment_tax import alignment_tax, pct_change
-from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
+from rlhf.evaluation.policy import run_eval
 from rlhf.fsutil import stage_done, write_json_atomic
 from rlhf.report.metrics import read_metrics
-from rlhf.stages.pipeline import run_pipeline, stage_configs
+from rlhf.stages.pipeline import run_pipeline, stage_configs, write_policy_kl
 from rlhf.stages.ppo import run_ppo
 from rlhf.safety.redteam import run_redteam
 from rlhf.stages.reward import run_rm
@@ -172,8 +172,7 @@ def ppo_seeds(cfg: RunConfig, seeds: list[int]) -> dict:
         result = json.loads(Path(ev.out).read_text()) if Path(ev.out).is_file() else run_eval(ev)
         kl_path = out / "kl.json"
         if not kl_path.is_file():
-            write_json_atomic(kl_path, kl_to_reference(ppo.out, ppo.policy, eval_prompts(cfg.eval), ppo.generation,
-                                                       seed=cfg.eval.seed, load=ppo.load))
+            write_policy_kl(ppo, cfg.eval, kl_path)
         red = copy.deepcopy(cfg.redteam)
         red.model, red.against, red.out = ppo.out, None, str(out / "redteam")
         if not (Path(red.out) / "redteam.json").is_file():

@@ -123,8 +123,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         _stage(f"eval {name}", Path(ev.out).is_file(), times, run_eval, ev)
         results[name] = json.loads(Path(ev.out).read_text())
     kl_path = root / "eval" / "kl.json"
-    _stage("eval kl", kl_path.is_file(), times, lambda: write_json_atomic(kl_path, kl_to_reference(
-        cfg.ppo.out, cfg.ppo.policy, eval_prompts(cfg.eval), cfg.ppo.generation, seed=cfg.eval.seed, load=cfg.ppo.load)))
+    _stage("eval kl", kl_path.is_file(), times, write_policy_kl, cfg.ppo, cfg.eval, kl_path)
     _stage("redteam", (Path(cfg.redteam.out) / "redteam.json").is_file(), times, run_redteam, cfg.redteam)
     ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"],
            "win_rate_vs_sft_ci95": results["ppo"].get("intervals", {}).get("win_rate"),
@@ -138,6 +137,12 @@ def run_pipeline(cfg: RunConfig) -> dict:
     print_summary(summary)
     console.print(f"report: {root / 'report.html'}")
     return summary
+
+
+def write_policy_kl(ppo, ev, path: Path) -> None:
+    """KL of the PPO policy to its starting policy on the eval's held-out prompts, sampled as in rollouts."""
+    write_json_atomic(path, kl_to_reference(ppo.out, ppo.policy, eval_prompts(ev), ppo.generation, seed=ev.seed,
+                                            load=ppo.load))
 
 
 def _fmt(v) -> str:
