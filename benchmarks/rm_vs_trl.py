@@ -17,26 +17,29 @@ What is built (once, in a temporary folder; nothing is downloaded):
 
 Each side runs in its own fresh Python process with ``torch.set_num_threads(--threads)``, fp32, no gradient
 checkpointing, no evaluation, no saving, no logging during training, plain Bradley-Terry loss
-``-logsigmoid(r_chosen - r_rejected)`` (no margin term, no reward centering), chosen and rejected of a
-batch in one right-padded forward pass of 2 x ``--batch-size`` rows, no gradient accumulation, AdamW lr
-``--lr`` with cosine decay to 10% and no warmup, gradient clipping at 1.0, dropout off, the same seed,
-and ``--max-length`` (set so that nothing is truncated or filtered; both sides check).
+``-logsigmoid(r_chosen - r_rejected)`` (no margin term, no reward centering), no gradient accumulation,
+AdamW lr ``--lr`` with cosine decay to 10% and no warmup, gradient clipping at 1.0, dropout off, the same
+seed, and ``--max-length`` (set so that nothing is truncated or filtered; both sides check).
 
   - ours: ``rlhf.models.reward.load_reward_backbone`` (AutoModelForSequenceClassification, num_labels=1,
     sdpa) -> ``rlhf.stages.reward.encode_pairs`` -> ``rlhf.training.fit(loss_fn=make_loss_fn(RewardConfig()),
-    count_fn=pairs)`` with ``collate_pairs`` as the collate: what ``train_member`` does, minus its
-    validation passes, bootstrap, reward normalisation statistics, metrics file and the final save.
+    count_fn=pairs)`` with ``pair_collator(RewardConfig())`` as the collate: what ``train_member`` does,
+    minus its validation passes, bootstrap, reward normalisation statistics, metrics file and the final
+    save. The prompt a pair's two sides share runs once and both continuations read its KV cache
+    (``rm.share_prompt``, the default; ``--no-share-prompt`` runs both full sequences instead, in one
+    right-padded forward pass of 2 x ``--batch-size`` rows).
   - TRL: ``RewardTrainer(model, RewardConfig(...), train_dataset, processing_class=tokenizer)`` with the
     model loaded as ``AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)`` (fp32,
-    sdpa, pad_token_id set), then ``trainer.train()``.
+    sdpa, pad_token_id set), then ``trainer.train()``: chosen and rejected of a batch in one right-padded
+    forward pass of 2 x ``--batch-size`` full sequences.
 
 Same starting weights: both workers call ``torch.manual_seed(--seed)`` right before loading, so the new
 score head gets the same random initialisation (checked: ``same_init``, a hash of the head's weights).
 Same batches: ``fit`` draws its sample order from ``torch.randperm(n, Generator(seed))``; the TRL dataset
 is laid out in that order and read with ``train_sampling_strategy="sequential"``. The token ids of every
-pair (``same_tokens``) and the non-pad tokens of every batch each side trained on (``same_batches``,
-recorded from its collate function) are compared; the total token count of each side's tokenised data
-is reported too (``data_tokens``).
+pair (``same_tokens``) and the tokens of the full sequences in every batch each side trained on
+(``same_batches``, recorded from its collate function) are compared; the total token count of each
+side's tokenised data is reported too (``data_tokens``).
 
 What is timed, identically on both sides and exactly as in ``sft_vs_trl.py``: wall-clock from the end of
 optimiser step ``--warmup`` to the end of step ``--steps`` (ours: fit's per-step ``logger.log`` call, a
@@ -128,7 +131,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from rlhf.config import DataConfig, RewardConfig, TrainConfig
     from rlhf.data.io import load_preferences
     from rlhf.models.reward import is_encoder, load_reward_backbone
-    from rlhf.stages.reward import collate_pairs, encode_pairs, make_loss_fn
+    from rlhf.stages.reward import encode_pairs, make_loss_fn, pair_collator
     from rlhf.training import fit
 
     torch.manual_seed(a.seed)  # the new score head's initialisation (the TRL worker does the same)
@@ -138,19 +141,19 @@ def worker_ours(a: argparse.Namespace) -> dict:
     # truncation="error": an overlong pair stops the run instead of being silently cut (TRL would drop it)
     pairs = encode_pairs(tok, examples, DataConfig(path=a.rows, max_length=a.max_length, truncation="error"),
                          is_encoder(model))
-    rm = RewardConfig()  # loss: Bradley-Terry only (margin_weight 0, center_coef 0)
+    rm = RewardConfig(share_prompt=a.share_prompt)  # loss: Bradley-Terry only (margin_weight 0, center_coef 0)
     cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, grad_accum=1, lr=a.lr, weight_decay=0.0,
                       warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0, log_every=1,
                       seed=a.seed, mixed_precision="no", gradient_checkpointing=False)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rm.train = cfg
+    collate_rows = pair_collator(rm, tok.pad_token_id if tok.pad_token_id is not None else 0, is_encoder(model))
     batch_pairs: list[int] = []
     batch_tokens: list[int] = []
 
     def collate(rows):
-        batch = collate_pairs(rows, pad_id, rm.loss.margin)
         batch_pairs.append(len(rows))
-        batch_tokens.append(int(batch["attention_mask"].sum()))
-        return batch
+        batch_tokens.append(sum(len(p.chosen) + len(p.rejected) for p in rows))  # the sequences scored, whole
+        return collate_rows(rows)
 
     clock = FitClock()
     t_start = time.perf_counter()
@@ -161,7 +164,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     out.update(side="ours", total_seconds=total, mean_loss=statistics.fmean(clock.losses), threads=clock.threads,
                fit_pairs_per_sec=res.units / max(res.seconds, 1e-9), init=init,
                params=sum(p.numel() for p in model.parameters()), n_rows=len(examples),
-               settings={"param_dtype": str(next(model.parameters()).dtype),
+               settings={"param_dtype": str(next(model.parameters()).dtype), "share_prompt": a.share_prompt,
                          "attn_implementation": getattr(model.config, "_attn_implementation", None)},
                sequences=[(p.chosen, p.rejected) for p in (pairs[i] for i in sample_order(len(pairs), a.seed))])
     return out
@@ -238,7 +241,8 @@ def bench_size(size: str, rows: list[dict], a: argparse.Namespace, tmp: Path) ->
     model_dir, rows_path = tmp / f"model_{size}", tmp / "pairs.jsonl"
     texts = [m["content"] for r in rows for m in r["prompt"] + r["chosen"] + r["rejected"]]
     lm_params = build_model_dir(size, texts, model_dir, a.seed)
-    runs = run_repeats(size, a, lambda side: run_worker(__file__, side, model_dir, rows_path, a, tmp),
+    extra = () if a.share_prompt else ("--no-share-prompt",)
+    runs = run_repeats(size, a, lambda side: run_worker(__file__, side, model_dir, rows_path, a, tmp, extra=extra),
                        "pairs_per_sec", "pairs/s", ",.1f")
     ours, trl = runs["ours"][0], runs["trl"][0]
     seqs = {s: [[list(c), list(r)] for c, r in runs[s][0]["sequences"]] for s in runs}
@@ -269,6 +273,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     data_help="preference file to use instead of the synthetic arithmetic set")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()) + " unless given")
+    p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                   help="ours: run both full sequences of a pair (rm.share_prompt false) instead of the prompt once")
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**QUICK)
     return parse(p, argv)

@@ -28,7 +28,7 @@ from rlhf.models.reward import (
     reward_forward,
 )
 from rlhf.stages.collect import run_collect
-from rlhf.stages.reward import run_rm
+from rlhf.stages.reward import EncodedPair, collate_pairs, collate_shared_pairs, pair_rewards, run_rm, shared_prefix_length
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,6 +117,47 @@ def test_reward_is_independent_of_padding_side(which, request):
     assert alone.std() > 1e-4  # the sequences really get different rewards
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_gpt2"])
+def test_shared_prompt_forward_gives_the_full_sequences_rewards_and_gradients(which, request):
+    model, tok = load_reward_backbone(request.getfixturevalue(which))
+    model.eval()
+    # Prompts of different lengths; responses of different lengths, one a prefix of its partner's.
+    rows = [("What is 3 + 4?", "3 + 4 = 7.", "I can't help with that, sorry."),
+            ("Greet Alice, please, in a friendly way.", "Hello, Alice!", "Hello, Alice! Hello, Alice!"),
+            ("Hi", "Paris.", "Rome is the capital of Italy.")]
+    pairs = [EncodedPair(encode_for_reward(tok, prompt_of(p), c, 128), encode_for_reward(tok, prompt_of(p), r, 128), None)
+             for p, c, r in rows]
+    cuts = [shared_prefix_length(p.chosen, p.rejected) for p in pairs]
+    prompt_lens = [len(encode_for_reward(tok, prompt_of(p), "", 128)) - 1 for p, _, _ in rows]  # minus the EOS
+    assert all(k >= n for k, n in zip(cuts, prompt_lens)) and len(set(cuts)) == 3  # the prompt at least, varied
+    assert cuts[1] == len(pairs[1].chosen) - 1  # chosen is a prefix of rejected but for its EOS: one token left
+    shared, full = collate_shared_pairs(pairs, tok.pad_token_id, 0.0), collate_pairs(pairs, tok.pad_token_id, 0.0)
+    assert "prefix_ids" in shared and (shared["prefix_mask"] == 0).any() and (shared["suffix_mask"] == 0).any()
+
+    def rewards_and_grads(batch):
+        model.zero_grad()
+        c, r = pair_rewards(model, batch)
+        (c - 2 * r).sum().backward()  # weights chosen and rejected differently: a swap would show
+        return torch.cat([c, r]).detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (ours, our_grads), (theirs, their_grads) = rewards_and_grads(shared), rewards_and_grads(full)
+    assert theirs.std() > 1e-4
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) > 4
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_pairs_that_share_no_prefix_are_collated_whole():
+    pairs = [EncodedPair([5, 6, 7], [5, 8], None), EncodedPair([1, 2], [3, 4], 0.5)]
+    assert [shared_prefix_length(p.chosen, p.rejected) for p in pairs] == [1, 0]
+    batch = collate_shared_pairs(pairs, 0, 1.0)
+    assert "prefix_ids" not in batch and batch["input_ids"].shape == (4, 3)
+    assert batch["margin"].tolist() == [1.0, 0.5]
+    one = collate_shared_pairs(pairs[:1], 0, 1.0)
+    assert one["prefix_ids"].tolist() == [[5]] and one["suffix_ids"].tolist() == [[6, 7], [8, 0]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -486,6 +527,49 @@ def test_collect_labels_policy_samples(tiny_llama, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"{bad}:2" in err and "assistant-world" in err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_mismatched_pairs_pit_a_prompts_answer_against_another_prompts(tiny_llama, tmp_path, monkeypatch):
+    import random as _random
+
+    from rlhf.models.generation import Generation
+    from rlhf.world import flawed_response, good_response, parse_prompt, prompt_set
+
+    def reply(content: str, copy: int) -> str:  # the "policy": a good and a flawed answer to each prompt
+        return (good_response if copy == 0 else flawed_response)(parse_prompt(content), _random.Random(copy))
+
+    def fake_generate(model, tok, prompts, cfg, seed=0, progress=None):
+        return [Generation(text=reply(p[-1]["content"], n % 2), token_ids=[], ended=True) for n, p in enumerate(prompts)]
+
+    monkeypatch.setattr("rlhf.stages.collect.generate", fake_generate)
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in prompt_set("train", 30, 0)])
+    written_for: dict[str, set] = {}  # response -> the (prompt, copy) it was written as
+    for line in prompts.read_text().splitlines():
+        content = json.loads(line)["prompt"]
+        for copy in range(2):
+            written_for.setdefault(reply(content, copy), set()).add((content, copy))
+
+    def collect(name, mismatch):
+        out = tmp_path / name
+        stats = run_collect(from_dict(CollectConfig, {"policy": str(tiny_llama), "prompts": str(prompts), "out": str(out),
+                                                      "k": 2, "annotators": ["careful"], "mismatch_pairs": mismatch}))
+        return stats, [json.loads(line) for line in out.read_text().splitlines()]
+
+    plain_stats, plain = collect("plain.jsonl", 0)
+    stats, rows = collect("mixed.jsonl", 2)
+    assert plain_stats["mismatched_pairs_labelled"] == 0 and stats["mismatched_pairs_labelled"] > 40
+    assert [r for r in rows if "-m" not in r["pair_id"]] == plain  # on-policy pairs and labels unchanged
+    mismatched = [r for r in rows if "-m" in r["pair_id"]]
+    good_vs_other = []
+    for r in mismatched:
+        prompt = r["prompt"][-1]["content"]
+        sides = {side: {p for p, _ in written_for[r[side]]} for side in ("chosen", "rejected")}
+        assert any(prompt in s for s in sides.values()) and any(s - {prompt} for s in sides.values())
+        for ours, theirs in (("chosen", "rejected"), ("rejected", "chosen")):
+            if (prompt, 0) in written_for[r[ours]] and prompt not in sides[theirs]:
+                good_vs_other.append(ours == "chosen")
+    assert len(good_vs_other) > 10
+    assert sum(good_vs_other) / len(good_vs_other) > 0.9  # a good answer beats an answer to another question
 
 
 def test_lora_reward_model_trains_adapters_and_head_only(tiny_llama, tmp_path):

@@ -372,6 +372,9 @@ class CollectConfig:
     """Simulated annotators (careful, average, length_lover, random_clicker); each pair goes to one at random."""
     overlap: float = 0.2
     """Share of pairs labelled by every annotator, so that agreement (kappa, alpha) can be measured."""
+    mismatch_pairs: int = 0
+    """Extra pairs per prompt that pit one of its responses against one written for another prompt, so the
+    reward model learns that a fluent answer to a different question is worse (0: on-policy pairs only)."""
     seed: int = 0
     """Seed for sampling, annotator assignment and label noise."""
     generation: GenerationConfig = field(
@@ -384,6 +387,8 @@ class CollectConfig:
             raise ConfigError(f"collect.k: need at least 2 responses per prompt to form a pair, got {self.k}")
         if not 0 <= self.overlap <= 1:
             raise ConfigError(f"collect.overlap: must be in [0, 1], got {self.overlap}")
+        if self.mismatch_pairs < 0:
+            raise ConfigError(f"collect.mismatch_pairs: must be >= 0, got {self.mismatch_pairs}")
         if not self.annotators:
             raise ConfigError("collect.annotators: name at least one annotator")
 
@@ -441,6 +446,10 @@ class RewardConfig:
     """Members to train; each gets its own seed (train.seed + i) and, with bootstrap, its own resample."""
     bootstrap: bool = True
     """Train each ensemble member on a bootstrap resample of the training pairs (ensemble > 1 only)."""
+    share_prompt: bool = True
+    """Run the prompt a pair's two sides share once and continue it with chosen and rejected from its KV
+    cache: the same rewards up to float rounding, less compute the longer the prompt. Decoders without
+    gradient checkpointing; other models run both full sequences."""
     normalize: RewardNormConfig = field(default_factory=RewardNormConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)

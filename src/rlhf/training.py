@@ -140,6 +140,12 @@ def evaluate_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tens
     return total / max(count, 1.0)
 
 
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real tokens the model reads in a batch: every ``*_mask`` / ``attention_mask`` summed (a reward
+    batch's shared prompt counts once, as it runs once)."""
+    return sum(int(v.sum()) for k, v in batch.items() if k == "attention_mask" or k.endswith("_mask"))
+
+
 def count_units(batch: dict[str, torch.Tensor]) -> int:
     """Scored tokens in a causal-LM batch: labels not IGNORE_INDEX after the one-token shift."""
     return int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else len(next(iter(batch.values())))
@@ -214,7 +220,7 @@ def fit(
             sched.step()
             optimizer.zero_grad(set_to_none=True)
             res.steps += 1
-            res.tokens += sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
+            res.tokens += sum(input_tokens(b) for b in batches)
             res.seconds = time.perf_counter() - start
             recent.append(res.train_loss)
             bar.update(loss=res.train_loss, tok_s=res.tokens_per_sec)

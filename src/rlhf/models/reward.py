@@ -13,13 +13,14 @@ disagreement (standard deviation; 0 for a single model). Each folder's config ca
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.algos.core import last_token_index, position_ids_from_mask
 from rlhf.config import ModelLoadConfig
@@ -70,6 +71,36 @@ def reward_forward(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                       use_cache=False).last_hidden_state  # (B, T, H)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    return base.score(last)[:, 0].float()
+
+
+def shared_prefix_rewards(model: PreTrainedModel, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
+                          suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards (2B,) of B prefixes each continued by two suffixes, the prefix run once (decoders only).
+
+    prefix (B, P) and suffix (2B, S) are right-padded; rows 2i and 2i+1 of the suffix continue prefix i,
+    and every suffix has at least one real token. A preference pair's chosen and rejected share their
+    prompt, so the prompt's keys and values are computed once and repeated for both continuations;
+    gradients flow back through the repeat. The rewards equal ``reward_forward`` on the full sequences
+    up to float rounding.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
+    cache = DynamicCache(config=base.config)
+    # transformers 5.x renamed `past_key_values` to `cache`; an unknown name would be silently swallowed.
+    cache_arg = {"cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values": cache}
+    backbone(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids_from_mask(prefix_mask),
+             use_cache=True, **cache_arg)
+    if cache.get_seq_length() != prefix_ids.shape[1]:
+        raise RuntimeError(f"{type(backbone).__name__} did not fill the KV cache; "
+                           "train with --no-share_prompt (rm.share_prompt: false)")
+    cache.batch_repeat_interleave(2)  # (2B, heads, P, d): one copy per continuation
+    prefix_len = prefix_mask.sum(dim=1).repeat_interleave(2)  # (2B,)
+    positions = prefix_len[:, None] + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)  # (2B, S)
+    mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1)  # (2B, P + S)
+    hidden = backbone(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **cache_arg).last_hidden_state  # (2B, S, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(suffix_mask)]  # (2B, H)
     return base.score(last)[:, 0].float()
 
 

@@ -1,5 +1,8 @@
 """Preference data from a policy: sample K responses per prompt, pair them, have annotators label them.
 
+Besides the K(K-1)/2 pairs of a prompt's own responses, ``mismatch_pairs`` more per prompt pit one of
+them against a response written for another prompt.
+
 In the assistant world the annotators are simulated (Bradley-Terry noise around the gold judge, each
 with a quirk), so the labels are as noisy and biased as real ones, while the gold scores, kept in
 separate fields for evaluation only, say what a careful rater would have preferred. Real users label
@@ -77,26 +80,41 @@ def run_collect(cfg: CollectConfig) -> dict:
     repeated = [ex.prompt for ex in prompts for _ in range(cfg.k)]
     with progress_bar("collect: sampling", len(repeated)) as bar:
         gens = generate(model, tok, repeated, cfg.generation, seed=cfg.seed, progress=bar)
-    # 2. Every pair of distinct responses, shown in random order, labelled by one annotator (or all).
-    rng = random.Random(cfg.seed)
+    texts = [[g.text for g in gens[i * cfg.k : (i + 1) * cfg.k]] for i in range(len(prompts))]  # (N, K)
     rows, verdicts, identical, empty = [], {}, 0, 0
-    for i, (ex, task) in enumerate(zip(prompts, tasks)):
-        texts = [g.text for g in gens[i * cfg.k : (i + 1) * cfg.k]]
+
+    def add_pair(i: int, pair_id: str, first: str, second: str, rng: random.Random) -> None:
+        """Show the pair in random order to one annotator (or all) and keep their labels as rows."""
+        nonlocal identical, empty
+        if first.strip() == second.strip():
+            identical += 1  # nothing to compare
+            return
+        if not first.strip() or not second.strip():
+            empty += 1  # preference files hold non-empty replies only (an empty one is usually a data bug)
+            return
+        a, b = (first, second) if rng.random() < 0.5 else (second, first)
+        names = list(cfg.annotators) if rng.random() < cfg.overlap else [rng.choice(cfg.annotators)]
+        pair_rows, verdicts[pair_id] = label_pair(tasks[i], a, b, names, rng)
+        for row in pair_rows:
+            rows.append({"prompt": prompts[i].prompt, **row, "pair_id": pair_id, "family": tasks[i].family,
+                         "gold_chosen": judge(tasks[i], row["chosen"]).total,
+                         "gold_rejected": judge(tasks[i], row["rejected"]).total})
+
+    # 2. Every pair of distinct responses to the same prompt.
+    rng = random.Random(cfg.seed)
+    for i in range(len(prompts)):
         for x, y in itertools.combinations(range(cfg.k), 2):
-            if texts[x].strip() == texts[y].strip():
-                identical += 1  # nothing to compare
-                continue
-            if not texts[x].strip() or not texts[y].strip():
-                empty += 1  # preference files hold non-empty replies only (an empty one is usually a data bug)
-                continue
-            a, b = (texts[x], texts[y]) if rng.random() < 0.5 else (texts[y], texts[x])
-            names = list(cfg.annotators) if rng.random() < cfg.overlap else [rng.choice(cfg.annotators)]
-            pair_id = f"{i}-{x}-{y}"
-            pair_rows, verdicts[pair_id] = label_pair(task, a, b, names, rng)
-            for row in pair_rows:
-                rows.append({"prompt": ex.prompt, **row, "pair_id": pair_id, "family": task.family,
-                             "gold_chosen": judge(task, row["chosen"]).total,
-                             "gold_rejected": judge(task, row["rejected"]).total})
+            add_pair(i, f"{i}-{x}-{y}", texts[i][x], texts[i][y], rng)
+    # 3. Mismatched pairs: one of the prompt's responses against one the policy wrote for another prompt.
+    # Fluent, confident and off-topic, such replies are absent from on-policy pairs, so a reward model
+    # never learns they are wrong, and PPO drifts to them on prompts unlike its training ones. Their own
+    # random stream: the pairs above come out the same with or without these.
+    mrng = random.Random(f"{cfg.seed}-mismatch")
+    for i in range(len(prompts) if len(prompts) > 1 else 0):
+        for m in range(cfg.mismatch_pairs):
+            j = mrng.randrange(len(prompts) - 1)
+            j += j >= i  # any prompt but this one
+            add_pair(i, f"{i}-m{m}", mrng.choice(texts[i]), mrng.choice(texts[j]), mrng)
     ties = sum(v == "tie" for pair in verdicts.values() for v in pair.values())
     if not rows:
         raise ValueError(f"no preference rows: {identical} identical pairs, {empty} with an empty reply, {ties} "
@@ -104,6 +122,7 @@ def run_collect(cfg: CollectConfig) -> dict:
     out = Path(cfg.out)
     write_jsonl_atomic(out, rows)
     stats = {"prompts": len(prompts), "responses": len(gens), "pairs_labelled": len(verdicts),
+             "mismatched_pairs_labelled": sum("-m" in pair_id for pair_id in verdicts),
              "pairs": len({r["pair_id"] for r in rows}), "labels": len(rows), "ties": ties,
              "identical_pairs_skipped": identical, "empty_pairs_skipped": empty, "eos_rate": sum(g.ended for g in gens) / len(gens),
              # Agreement over every verdict, ties included: what the annotators did, not only what was kept.

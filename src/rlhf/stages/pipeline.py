@@ -91,6 +91,7 @@ def heldout_collect(cfg: RunConfig):
     held = copy.deepcopy(cfg.collect)
     held.prompts, held.seed = str(Path(cfg.out) / "world" / "prompts_heldout.jsonl"), cfg.collect.seed + 1
     held.out, held.n_prompts = str(Path(cfg.out) / "prefs" / "heldout.jsonl"), None
+    held.mismatch_pairs = 0  # the RM is judged on pairs of the policy's own responses, as PPO will show it
     return held
 
 

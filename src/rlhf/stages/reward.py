@@ -1,10 +1,10 @@
 """Stage 2: the reward model, trained on preference pairs with the Bradley-Terry loss.
 
 Reads top to bottom: load the backbone with a new scalar head, encode the pairs, train (chosen and
-rejected of a batch go through the model in one forward pass), measure the reward's mean and std on
-policy samples and store them in the model config, save an ordinary AutoModelForSequenceClassification
-folder. With ``ensemble: N`` the same is done N times with different seeds and bootstrap resamples,
-into ``member_0`` ... ``member_{N-1}`` plus ``ensemble.json``.
+rejected of a batch go through the model together, their shared prompt only once), measure the
+reward's mean and std on policy samples and store them in the model config, save an ordinary
+AutoModelForSequenceClassification folder. With ``ensemble: N`` the same is done N times with
+different seeds and bootstrap resamples, into ``member_0`` ... ``member_{N-1}`` plus ``ensemble.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from rlhf.models.reward import (
     is_encoder,
     load_reward_backbone,
     reward_forward,
+    shared_prefix_rewards,
 )
 from rlhf.report.metrics import MetricsLogger
 from rlhf.training import fit, make_accelerator
@@ -81,12 +82,57 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int, default_margin: float) 
     return batch
 
 
+def shared_prefix_length(chosen: list[int], rejected: list[int]) -> int:
+    """Tokens the two sides have in common at the start (normally the prompt and more), leaving each side one."""
+    n = min(len(chosen), len(rejected)) - 1
+    for i in range(n):
+        if chosen[i] != rejected[i]:
+            return i
+    return max(n, 0)
+
+
+def collate_shared_pairs(pairs: list[EncodedPair], pad_id: int, default_margin: float) -> dict[str, torch.Tensor]:
+    """Each pair's common prefix once and its two continuations, right-padded: prefix (B, P), suffix (2B, S)
+    with chosen at even and rejected at odd rows; margins (B,). Falls back to ``collate_pairs`` when a
+    pair shares nothing (left truncation can cut the two sides' prompts differently)."""
+    cuts = [shared_prefix_length(p.chosen, p.rejected) for p in pairs]
+    if min(cuts) == 0:
+        return collate_pairs(pairs, pad_id, default_margin)
+    prefix = collate_sequences([p.chosen[:k] for p, k in zip(pairs, cuts)], pad_id)
+    suffix = collate_sequences([side[k:] for p, k in zip(pairs, cuts) for side in (p.chosen, p.rejected)], pad_id)
+    return {"prefix_ids": prefix["input_ids"], "prefix_mask": prefix["attention_mask"],
+            "suffix_ids": suffix["input_ids"], "suffix_mask": suffix["attention_mask"],
+            "margin": torch.tensor([default_margin if p.margin is None else p.margin for p in pairs])}
+
+
+def pair_collator(cfg: RewardConfig, pad_id: int, encoder: bool):
+    """collate(pairs) -> batch for training: the shared-prompt layout where the model allows it."""
+    # The prompt's forward pass serves both sides: needs a decoder's KV cache, which checkpointing turns off.
+    share = cfg.share_prompt and not encoder and not cfg.train.gradient_checkpointing
+    collate_fn = collate_shared_pairs if share else collate_pairs
+
+    def collate(pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
+        return collate_fn(pairs, pad_id, cfg.loss.margin)
+
+    return collate
+
+
+def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of a batch's chosen and rejected sides, (B,) each, from either collation."""
+    if "prefix_ids" in batch:
+        rewards = shared_prefix_rewards(model, batch["prefix_ids"], batch["prefix_mask"], batch["suffix_ids"],
+                                        batch["suffix_mask"])  # (2B,) interleaved
+        return rewards[0::2], rewards[1::2]
+    c, r = reward_forward(model, batch["input_ids"], batch["attention_mask"]).chunk(2)  # chosen rows first
+    return c, r
+
+
 def make_loss_fn(cfg: RewardConfig):
     """loss_fn(model, batch) -> (mean pairwise loss, number of pairs), as the training loop expects."""
 
     def loss_fn(model, batch):
-        rewards = reward_forward(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
-        return pair_loss(cfg, batch, *rewards.chunk(2)), torch.tensor(len(rewards) // 2)
+        c, r = pair_rewards(model, batch)
+        return pair_loss(cfg, batch, c, r), torch.tensor(len(c))
 
     return loss_fn
 
@@ -108,7 +154,7 @@ def make_validate(cfg: RewardConfig, val_batches: list[dict], device):
         loss_sum, chosen, rejected = 0.0, [], []
         for batch in val_batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            c, r = reward_forward(model, batch["input_ids"], batch["attention_mask"]).chunk(2)  # (B,), (B,)
+            c, r = pair_rewards(model, batch)  # (B,), (B,)
             loss_sum += pair_loss(cfg, batch, c, r).item() * len(c)
             chosen.append(c.cpu())
             rejected.append(r.cpu())
@@ -191,11 +237,7 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
     val_pairs = encode_pairs(tok, val, cfg.data, encoder) if val else []
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def collate(rows: list[EncodedPair]):
-        return collate_pairs(rows, pad_id, cfg.loss.margin)
-
+    collate = pair_collator(cfg, tok.pad_token_id if tok.pad_token_id is not None else 0, encoder)
     bs = cfg.train.batch_size
     val_batches = [collate(val_pairs[i : i + bs]) for i in range(0, len(val_pairs), bs)]
     acc = make_accelerator(train_cfg)
