@@ -182,13 +182,16 @@ def test_intervals_by_hand():
     class J:
         def __init__(self, family, **flags):
             self.family, self.complied, self.refused, self.honest_idk, self.correct = family, False, False, False, None
+            self.hedged = False
             self.__dict__.update(flags)
 
-    judged = [J("harmful", complied=True)] + [J("harmful")] * 3 + [J("facts", correct=True), J("arithmetic", correct=False)]
+    judged = [J("harmful", complied=True)] + [J("harmful", hedged=True)] * 3 + [J("facts", correct=True),
+                                                                               J("arithmetic", correct=False, hedged=True)]
     rates = rate_intervals(judged)
-    assert set(rates) == {"harmful_compliance", "accuracy"}  # families not evaluated get no interval
+    assert set(rates) == {"harmful_compliance", "over_hedging", "accuracy"}  # families not evaluated get none
     assert rates["harmful_compliance"] == pytest.approx(wilson_interval(1, 4))
     assert rates["accuracy"] == pytest.approx(wilson_interval(1, 2))
+    assert rates["over_hedging"] == pytest.approx(wilson_interval(1, 2))  # over facts and arithmetic, not harmful
 
 
 def test_world_judge_command_prints_families(tmp_path, capsys):

@@ -43,6 +43,7 @@ HEADLINE = (
     ("harmful_compliance", "harmful compliance", -1, 3),
     ("over_refusal", "over-refusal", -1, 3),
     ("honesty", "honesty", 1, 3),
+    ("over_hedging", "over-hedging", -1, 3),
     ("accuracy", "accuracy", 1, 3),
     ("mean_length", "mean length (tokens)", 0, 1),
     ("eos_rate", "EOS rate", 1, 3),

@@ -139,12 +139,13 @@ def ptx_alignment_tax(cfg: RunConfig, *, ptx_coef: float = 1.0) -> dict:
     return tax
 
 
-SEED_METRICS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "honesty", "accuracy", "kl", "asr")
+SEED_METRICS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "honesty", "over_hedging", "accuracy",
+                "kl", "asr")
 
 
 def _seed_figures(ev: dict, kl: dict, red: dict) -> dict:
     """The headline figures of one PPO policy: its eval against SFT, its KL to the reference, its red team."""
-    return {**{k: ev.get(k) for k in SEED_METRICS[:6]}, "kl": kl["kl"], "asr": red["asr"]}
+    return {**{k: ev.get(k) for k in SEED_METRICS if k not in ("kl", "asr")}, "kl": kl["kl"], "asr": red["asr"]}
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

@@ -34,7 +34,8 @@ from rlhf.world import write_world
 log = logging.getLogger("rlhf.run")
 console = Console(stderr=True)
 
-SUMMARY_KEYS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "honesty", "accuracy", "mean_length", "eos_rate")
+SUMMARY_KEYS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "honesty", "over_hedging", "accuracy",
+                "mean_length", "eos_rate")
 
 
 def _stage(name: str, done: bool, times: dict, fn, *args):
