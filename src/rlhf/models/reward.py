@@ -26,6 +26,7 @@ from rlhf.algos.core import last_token_index, position_ids_from_mask
 from rlhf.config import ModelLoadConfig
 from rlhf.data.chat import Message, encode_sft, encode_text
 from rlhf.models.loading import DTYPES, check_model_dir, ensure_pad_token, load_tokenizer
+from rlhf.models.policy import unwrap
 
 log = logging.getLogger("rlhf.models")
 
@@ -34,7 +35,7 @@ ENSEMBLE_FILE = "ensemble.json"
 
 def is_encoder(model: PreTrainedModel) -> bool:
     """BERT-style models classify from their pooler; decoders have a ``score`` head read per token."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return not hasattr(base, "score")
 
 
@@ -66,7 +67,7 @@ def reward_forward(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
     """
     if is_encoder(model):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                       use_cache=False).last_hidden_state  # (B, T, H)
@@ -84,7 +85,7 @@ def shared_prefix_rewards(model: PreTrainedModel, prefix_ids: torch.Tensor, pref
     gradients flow back through the repeat. The rewards equal ``reward_forward`` on the full sequences
     up to float rounding.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
     cache = DynamicCache(config=base.config)
     # transformers 5.x renamed `past_key_values` to `cache`; an unknown name would be silently swallowed.
