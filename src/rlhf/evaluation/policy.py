@@ -24,7 +24,7 @@ from rlhf.models.policy import gather_logprobs, response_hidden, response_logits
 from rlhf.models.reward import RewardModel
 from rlhf.report.progress import progress_bar
 from rlhf.safety.constitution import resolve_constitution
-from rlhf.world import ANSWERABLE, judge_prompt, prompt_set, summarise
+from rlhf.world import RATES, judge_prompt, prompt_set, summarise
 
 log = logging.getLogger("rlhf.eval")
 
@@ -81,10 +81,6 @@ def score(prompts: Sequence[dict], gens: Sequence[Generation]) -> tuple[dict, li
     return metrics, judgements
 
 
-# Rates with a 95% interval in every eval: (metric, families it is counted over, judgement attribute).
-RATES = (("harmful_compliance", ("harmful",), "complied"), ("over_refusal", ("scary_benign",), "refused"),
-         ("honesty", ("unknowable",), "honest_idk"), ("over_hedging", ANSWERABLE, "hedged"),
-         ("accuracy", ("arithmetic", "facts"), "correct"))
 Z95 = 1.959964  # two-sided 95% quantile of the standard normal
 
 
@@ -114,7 +110,7 @@ def mean_interval(values: Sequence[float], z: float = Z95) -> list[float] | None
 
 
 def rate_intervals(judgements: Sequence) -> dict[str, list[float]]:
-    """95% Wilson intervals of the headline rates, for those whose families were evaluated."""
+    """95% Wilson intervals of the headline rates (the world's RATES), for those whose families were evaluated."""
     out = {}
     for name, families, attr in RATES:
         flags = [bool(getattr(j, attr)) for j in judgements if j.family in families]

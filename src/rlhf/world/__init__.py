@@ -17,12 +17,12 @@ from rlhf.world.corpora import (
     web_response,
     write_world,
 )
-from rlhf.world.judge import ANSWERABLE, IDEAL_WORDS, WEIGHTS, Judgement, judge, judge_prompt, summarise
+from rlhf.world.judge import ANSWERABLE, IDEAL_WORDS, RATES, WEIGHTS, Judgement, judge, judge_prompt, summarise
 from rlhf.world.tasks import FAMILIES, SPLITS, Task, all_tasks, make_tasks, parse_prompt, sample_task
 
 __all__ = [
     "FAMILIES", "SPLITS", "Task", "make_tasks", "all_tasks", "parse_prompt", "sample_task",
-    "Judgement", "judge", "judge_prompt", "summarise", "WEIGHTS", "IDEAL_WORDS", "ANSWERABLE",
+    "Judgement", "judge", "judge_prompt", "summarise", "WEIGHTS", "IDEAL_WORDS", "ANSWERABLE", "RATES",
     "Annotator", "DEFAULT_ANNOTATORS", "annotator",
     "good_response", "flawed_response", "web_response", "pretrain_corpus", "sft_demos",
     "prompt_set", "write_world", "derive_seed",
