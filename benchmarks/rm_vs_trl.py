@@ -139,7 +139,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     init = _head_hash(model)
     examples = list(load_preferences(a.rows))
     # truncation="error": an overlong pair stops the run instead of being silently cut (TRL would drop it)
-    pairs = encode_pairs(tok, examples, DataConfig(path=a.rows, max_length=a.max_length, truncation="error"),
+    pairs, _ = encode_pairs(tok, examples, DataConfig(path=a.rows, max_length=a.max_length, truncation="error"),
                          is_encoder(model))
     rm = RewardConfig(share_prompt=a.share_prompt)  # loss: Bradley-Terry only (margin_weight 0, center_coef 0)
     cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, grad_accum=1, lr=a.lr, weight_decay=0.0,

@@ -107,7 +107,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from rlhf.training import fit, lm_loss
 
     model, tok = load_causal_lm(a.model)
-    items = encode_examples(tok, list(load_sft(a.rows)), DataConfig(path=a.rows, max_length=a.max_length))
+    items, _ = encode_examples(tok, list(load_sft(a.rows)), DataConfig(path=a.rows, max_length=a.max_length))
     cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, grad_accum=1, lr=a.lr, weight_decay=0.0,
                       warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0, log_every=1,
                       seed=a.seed, mixed_precision="no", gradient_checkpointing=False)

@@ -295,7 +295,14 @@ def test_export_cli_writes_files_the_loaders_read(tmp_path, capsys):
     demos = load_sft(sft)
     assert sorted(d.completion for d in demos) == ["Hello, Al!", "Hello, Bob!"]
     assert {d.extra["edited"] for d in demos} == {True, False}
-    assert main(["annotate", "export", "--db", str(tmp_path / "none.db"), "--out", str(out)]) == 2
+    # An earlier export is replaced only with --overwrite; a file the export did not write, never.
+    before = out.read_text()
+    assert main(["annotate", "export", "--db", str(db), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == before
+    (tmp_path / "notes.jsonl").write_text('{"note": "mine"}\n')
+    assert main(["annotate", "export", "--db", str(db), "--out", str(tmp_path / "notes.jsonl"), "--overwrite"]) == 2
+    assert "did not write" in capsys.readouterr().err and "mine" in (tmp_path / "notes.jsonl").read_text()
+    assert main(["annotate", "export", "--db", str(tmp_path / "none.db"), "--out", str(out), "--overwrite"]) == 2
     assert "no preference labels" in capsys.readouterr().err
 
 

@@ -111,5 +111,11 @@ def test_overlong_samples_with_truncation_error_are_bad_rows(tiny_llama, tmp_pat
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = sft_config(tiny_llama, data, tmp_path / "out")
     cfg.data.truncation = "error"
-    with pytest.raises(DataError, match=r"sft\.jsonl:4: field 'sample': sample is \d+ tokens, longer than data.max_length 64"):
+    # The message names the part that is too long: here the prompt, not the completion.
+    with pytest.raises(DataError, match=r"sft\.jsonl:4: field 'prompt': the prompt is \d+ tokens and the response \d+: "
+                       r"\d+ in all, longer than data.max_length 64"):
+        run_sft(cfg)
+    rows[3] = {"prompt": "Hi", "completion": "long " * 80}
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"sft\.jsonl:4: field 'completion'"):
         run_sft(cfg)

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rlhf.config import (
     CollectConfig,
@@ -47,11 +48,16 @@ def _cmd_world(ns: argparse.Namespace) -> None:
     if getattr(ns, "world_cmd", None) == "judge":
         _cmd_judge(ns)
         return
+    from rlhf.fsutil import atomic_dir, check_out
+
     cfg = build_config(WorldConfig, ns, section="world", whole=RunConfig)
-    paths = write_world(ns.out, seed=cfg.seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft, n_sft_val=cfg.n_sft_val,
-                        n_prompts_train=cfg.n_prompts_train, n_prompts_heldout=cfg.n_prompts_heldout)
+    check_out(ns.out, stage="world", kind="dir", overwrite=ns.overwrite,
+              state=lambda p: "finished" if (p / "world.json").is_file() else None)
+    with atomic_dir(ns.out) as tmp:
+        paths = write_world(tmp, seed=cfg.seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft, n_sft_val=cfg.n_sft_val,
+                            n_prompts_train=cfg.n_prompts_train, n_prompts_heldout=cfg.n_prompts_heldout)
     for name, path in paths.items():
-        print(f"{name:<18} {path}")
+        print(f"{name:<18} {Path(ns.out) / Path(path).name}")
 
 
 def _cmd_judge(ns: argparse.Namespace) -> None:
@@ -70,6 +76,9 @@ def _cmd_judge(ns: argparse.Namespace) -> None:
         except ValueError as e:
             raise ConfigError(f"{where}: field 'prompt': {e}") from e
     summary = summarise(judgements)
+    if ns.json:  # JSON alone, so that it can be piped
+        print(json.dumps(summary, indent=2))
+        return
     table = Table(title=f"gold judge: {ns.file}")
     for col in ("family", "n", "gold_score"):
         table.add_column(col, justify="right" if col != "family" else "left")
@@ -77,8 +86,6 @@ def _cmd_judge(ns: argparse.Namespace) -> None:
         table.add_row(fam, str(stats["n"]), f"{stats['gold_score']:.3f}")
     table.add_row("[bold]all", str(summary["n"]), f"[bold]{summary['gold_score']:.3f}")
     Console().print(table)
-    if ns.json:
-        print(json.dumps(summary, indent=2))
 
 
 def _cmd_pretrain(ns: argparse.Namespace) -> None:
@@ -207,10 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE", help="YAML config (a stage file, or a pipeline file such as configs/demo.yaml)")
         if name == "world":
             p.add_argument("--out", default="runs/world", help="output folder")
+            p.add_argument("--overwrite", action="store_true", help="replace an earlier world at --out")
             world_sub = p.add_subparsers(dest="world_cmd", metavar="judge")
             j = world_sub.add_parser("judge", help="score a JSONL of {prompt, response} records and print per-family results")
             j.add_argument("file", help="JSONL file with 'prompt' and 'response' fields")
-            j.add_argument("--json", action="store_true", help="also print the summary as JSON")
+            j.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
         add_arguments(p, cls)
         p.set_defaults(fn=fn)
     _add_experiment(sub)

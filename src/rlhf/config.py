@@ -14,12 +14,28 @@ from typing import Literal
 from rlhf.configlib import ConfigError
 
 
-def require(cfg: object, *names: str, stage: str) -> None:
-    """Fail before any work starts when a path the stage needs was not given."""
-    missing = [n for n in names if getattr(cfg, n) in (None, "")]
+def require(cfg: object, *names: str, stage: str, group: str = "") -> None:
+    """Fail before any work starts when a path the stage needs was not given; ``group`` is the dotted
+    section the fields sit in ("data."), so the hint names the real flag (--data.path)."""
+    missing = [f"{group}{n}" for n in names if getattr(cfg, n) in (None, "")]
     if missing:
         flags = ", ".join(f"--{n}" for n in missing)
         raise ConfigError(f"{stage}: missing required setting(s) {', '.join(missing)} (pass {flags} or set them in the YAML)")
+
+
+def check_numbers(cfg: object, section: str, *, positive: tuple[str, ...] = (), at_least_one: tuple[str, ...] = (),
+                  non_negative: tuple[str, ...] = (), fraction: tuple[str, ...] = ()) -> None:
+    """Range checks with the field's dotted name in the message; a field that is None (optional) passes.
+
+    positive: > 0; at_least_one: integers >= 1; non_negative: >= 0; fraction: in [0, 1]."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (at_least_one, lambda v: v >= 1, ">= 1"),
+             (non_negative, lambda v: v >= 0, ">= 0"), (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, ok, text in rules:
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{section}{name}: must be {text}, got {value}")
+
 
 
 @dataclass
@@ -74,6 +90,7 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.eval_every < 0 or self.early_stopping_patience < 0 or self.max_grad_norm < 0:
             raise ConfigError("train.eval_every, train.early_stopping_patience and train.max_grad_norm must be >= 0")
+        check_numbers(self, "train.", non_negative=("weight_decay",))
 
 
 @dataclass
@@ -98,6 +115,8 @@ class LoraConfig:
             raise ConfigError(f"lora.r and lora.alpha must be >= 1, got r={self.r}, alpha={self.alpha}")
         if not self.target_modules:
             raise ConfigError("lora.target_modules: must name at least one module")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -119,6 +138,9 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     """Bad rows (malformed, missing or empty fields, too long with truncation='error'): fail on the first,
     or skip them and print how many and the first reasons."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """SFT on multi-turn `messages` rows: train on every assistant turn (as TRL's assistant_only_loss does) or
+    on the last one only. User and system turns are never trained on."""
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -137,6 +159,10 @@ class ModelLoadConfig:
     """Run Python code shipped with the model folder. Off unless you trust the source."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel."""
+    special_tokens_in_text: Literal["text", "control"] = "text"
+    """The tokenizer's control tokens (<|im_end|>, <|im_start|>, the pad token...) written inside a prompt or a
+    response: 'text' encodes them as plain text, so user text cannot forge a turn or train a pad or EOS inside
+    a reply (rows that hold them are counted in the log); 'control' reads them as the control tokens."""
 
 
 @dataclass
@@ -147,6 +173,9 @@ class SFTConfig:
     """The causal LM folder to fine-tune (ours, or a Llama/GPT-2/Qwen folder on disk)."""
     out: str | None = None
     """Output folder: an ordinary Hugging Face model folder plus metrics.jsonl."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
+    is not this stage's output, or that holds one of the run's inputs, is refused)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=2e-5))
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -169,6 +198,11 @@ class TokenizerConfig:
     min_frequency: int = 2
     """Least count for a merge to be learned."""
 
+    def validate(self) -> None:
+        if self.vocab_size < 260:
+            raise ConfigError(f"tokenizer.vocab_size: must be >= 260 (256 bytes and the special tokens), got {self.vocab_size}")
+        check_numbers(self, "tokenizer.", at_least_one=("min_frequency",))
+
 
 @dataclass
 class ArchConfig:
@@ -186,6 +220,8 @@ class ArchConfig:
     """Longest sequence the model supports."""
 
     def validate(self) -> None:
+        check_numbers(self, "arch.", at_least_one=("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                                   "max_position_embeddings"))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"arch.hidden_size ({self.hidden_size}) must be divisible by arch.num_heads ({self.num_heads})")
 
@@ -198,6 +234,9 @@ class PretrainConfig:
     """JSONL corpus: rows of {"text"} (prose) or {"messages"} (chat transcripts, rendered with the chat template)."""
     out: str | None = None
     """Output folder: model (safetensors), tokenizer with chat template, metrics.jsonl."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
+    is not this stage's output, or that holds one of the run's inputs, is refused)."""
     seq_len: int = 128
     """Tokens per packed training block."""
     val_fraction: float = 0.02
@@ -209,6 +248,10 @@ class PretrainConfig:
     )
 
     def validate(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len: must be >= 2, got {self.seq_len}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.seq_len > self.arch.max_position_embeddings:
             raise ConfigError(
                 f"seq_len ({self.seq_len}) exceeds arch.max_position_embeddings ({self.arch.max_position_embeddings})"
@@ -271,6 +314,9 @@ class EvalConfig:
     """A second model folder; adds win_rate of `model` over it on the same prompts (ties count half)."""
     out: str | None = None
     """Output JSON file."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
+    is not this stage's output, or that holds one of the run's inputs, is refused)."""
     prompts: str | None = None
     """Prompt file (JSONL with 'prompt'); null: the world's held-out prompts generated with eval.seed."""
     n_prompts: int = 300
@@ -291,6 +337,9 @@ class EvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
 
+    def validate(self) -> None:
+        check_numbers(self, "eval.", at_least_one=("n_prompts",))
+
 
 @dataclass
 class RedteamConfig:
@@ -302,6 +351,9 @@ class RedteamConfig:
     """A second model folder attacked with the same conversations (key `against` in the output)."""
     out: str | None = None
     """Output folder: redteam.json (and redteam.samples.jsonl)."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
+    is not this stage's output, or that holds one of the run's inputs, is refused)."""
     cases: str | None = None
     """Test cases (JSONL with `category` and `request`); null: the assistant world's harmful intents."""
     strategies: list[str] = field(default_factory=list)
@@ -317,6 +369,9 @@ class RedteamConfig:
     """Seed for wordings, typos and sampling."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+    def validate(self) -> None:
+        check_numbers(self, "redteam.", at_least_one=("repeats",))
 
 
 @dataclass
@@ -350,6 +405,8 @@ class SafetyConfig:
             raise ConfigError(f"ppo.safety.redteam_share: must be in [0, 1), got {self.redteam_share}")
         if not 0 <= self.redteam_contrast <= 1:
             raise ConfigError(f"ppo.safety.redteam_contrast: must be in [0, 1], got {self.redteam_contrast}")
+        check_numbers(self, "ppo.safety.", non_negative=("safety_weight", "length_weight", "repetition_weight",
+                                                         "diversity_weight"), at_least_one=("length_target",))
         if (self.safety_weight or self.steer) and not self.constitution:
             raise ConfigError("ppo.safety.safety_weight > 0 and ppo.safety.steer need ppo.safety.constitution")
 
@@ -364,6 +421,9 @@ class CollectConfig:
     """Prompt file (JSONL with 'prompt'); the simulated annotators know assistant-world prompts only."""
     out: str | None = None
     """Output preference JSONL: prompt, chosen, rejected, margin, annotator, plus gold fields for evaluation."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
+    is not this stage's output, or that holds one of the run's inputs, is refused)."""
     n_prompts: int | None = None
     """Use the first N prompts of the file (null: all)."""
     k: int = 4
@@ -387,6 +447,7 @@ class CollectConfig:
             raise ConfigError(f"collect.k: need at least 2 responses per prompt to form a pair, got {self.k}")
         if not 0 <= self.overlap <= 1:
             raise ConfigError(f"collect.overlap: must be in [0, 1], got {self.overlap}")
+        check_numbers(self, "collect.", at_least_one=("n_prompts",))
         if self.mismatch_pairs < 0:
             raise ConfigError(f"collect.mismatch_pairs: must be >= 0, got {self.mismatch_pairs}")
         if not self.annotators:
@@ -424,6 +485,10 @@ class RewardNormConfig:
     """Responses scored for the statistics."""
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(do_sample=True, batch_size=128))
 
+    def validate(self) -> None:
+        if self.n < 2:
+            raise ConfigError(f"normalize.n: must be >= 2 (a standard deviation needs two samples), got {self.n}")
+
 
 @dataclass
 class RewardConfig:
@@ -434,6 +499,9 @@ class RewardConfig:
     out: str | None = None
     """Output folder: an AutoModelForSequenceClassification folder (num_labels=1), or member_*/ folders
     and ensemble.json for an ensemble."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
+    is not this stage's output, or that holds one of the run's inputs, is refused)."""
     data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.05))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-5, batch_size=16))
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
@@ -477,11 +545,19 @@ class EvalRMConfig:
     """Preference file to evaluate on (held-out pairs)."""
     out: str | None = None
     """Output JSON file."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
+    is not this stage's output, or that holds one of the run's inputs, is refused)."""
     batch_size: int = 64
     """Sequences per forward pass."""
     max_length: int = 256
     """Longest sequence in tokens (prompts are cut from the left)."""
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+    def validate(self) -> None:
+        check_numbers(self, "", at_least_one=("batch_size",))
+        if self.max_length < 8:
+            raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")
 
 
 @dataclass
@@ -517,6 +593,9 @@ class PPOConfig:
     """Prompt file (JSONL with 'prompt'); world prompts also get the gold score of each rollout logged."""
     out: str | None = None
     """Output folder: the final policy as an ordinary model folder, metrics.jsonl, checkpoint-N/ folders."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
+    is not this stage's output, or that holds one of the run's inputs, is refused)."""
     n_prompts: int | None = None
     """Use the first N prompts of the file (null: all)."""
     critic: Literal["reward_model", "policy"] = "reward_model"
@@ -581,7 +660,10 @@ class PPOConfig:
     save_every: int = 0
     """Write a checkpoint every N iterations (0: only at the end); the last two are kept."""
     resume: bool = False
-    """Continue from the newest checkpoint in `out`."""
+    """Continue from the newest checkpoint in `out`; refused when the policy, reward model, prompts or
+    settings differ from those the checkpoint was made with (see resume_changed)."""
+    resume_changed: bool = False
+    """With resume: continue even though inputs or settings changed since the checkpoint (they are listed)."""
     log_every: int = 1
     """Write metrics every N iterations."""
     seed: int = 0
@@ -593,6 +675,11 @@ class PPOConfig:
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "log_every", "ptx_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ppo.{name}: must be >= 1, got {getattr(self, name)}")
+        check_numbers(self, "ppo.", at_least_one=("n_prompts",), positive=("lr", "critic_lr"),
+                      non_negative=("warmup_iterations", "weight_decay", "vf_coef", "ent_coef", "approxkl_stop",
+                                    "max_grad_norm", "reward_clip", "ensemble_penalty", "ptx_coef", "save_every"))
+        if self.ptx_max_length < 2:
+            raise ConfigError(f"ppo.ptx_max_length: must be >= 2, got {self.ptx_max_length}")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
                               f"({self.mini_batch_size})")

@@ -1,22 +1,32 @@
 """Chat formatting: render conversations with the tokenizer's own chat template, mask prompts, pad.
 
 The prompt is rendered with ``add_generation_prompt=True``: exactly the tokens the model sees before
-it generates. The response is what the full conversation's rendering adds after that prefix (for
-almost every template, the assistant text and its end-of-turn token). Prompt and response are
-tokenized separately so that training sees the same token boundary as generation.
+it generates. A response is what the conversation's rendering adds after that prefix (for almost every
+template, the assistant text and its end-of-turn token). The pieces are tokenized separately so that
+training sees the same token boundary as generation. In a multi-turn conversation every assistant turn
+is such a piece, and SFT trains on each of them (``data.assistant_turns``: all, or the last only).
+
+Control tokens in user text. The chat template marks turns with control tokens (``<|im_start|>``,
+``<|im_end|>``, ...); text that merely contains those strings (a prompt quoting a template, a scraped
+reply) must not become them, or a user could forge a turn, or a reply train a pad or EOS in its middle.
+So each occurrence inside a message is swapped for a private-use placeholder before rendering and
+tokenized as plain text afterwards; everything else is tokenized exactly as before.
+(``load.special_tokens_in_text: control`` keeps plain tokenization for users who mean the tokens.)
 
 Truncation policy (``data.truncation``), for samples longer than ``max_length`` tokens:
   - ``left``: drop the oldest prompt tokens and keep the response whole. A response that alone does
     not fit leaves no room for a prompt: the sample is dropped and counted.
   - ``right``: cut the end of the sequence. The response may lose its EOS; a sample with no response
     token left is dropped and counted.
-  - ``error``: the sample is a bad row, reported with its file and line (``data.on_error`` decides
-    whether that stops the run or skips the row).
+  - ``error``: the sample is a bad row, reported with its file, line and the field that is too long
+    (``data.on_error`` decides whether that stops the run or skips the row).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,62 +34,186 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.algos.core import IGNORE_INDEX
 
+log = logging.getLogger("rlhf.data")
+
 Message = dict
+SPECIALS_ATTR = "rlhf_special_tokens_in_text"  # set by rlhf.models.loading.load_tokenizer from load.special_tokens_in_text
+_PLACEHOLDER = re.compile("\ue000([\ue100-\uf8ff])\ue000")  # private-use characters: no template or tokenizer special
+
+
+def control_tokens(tok: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The strings of the tokenizer's special (control) tokens, longest first."""
+    found = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    found |= {t for t in tok.all_special_tokens if t}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def specials_as_text(tok: PreTrainedTokenizerBase) -> bool:
+    return getattr(tok, SPECIALS_ATTR, "text") == "text"
+
+
+def has_control_text(tok: PreTrainedTokenizerBase, texts: Iterable[str]) -> bool:
+    """Any of the texts holds a control token's string."""
+    specials = control_tokens(tok)
+    return any(s in t for t in texts for s in specials)
+
+
+def count_control_rows(tok: PreTrainedTokenizerBase, rows: Iterable[Iterable[str]]) -> int:
+    """How many rows (each given as its texts) hold a control token's string."""
+    return sum(has_control_text(tok, texts) for texts in rows)
+
+
+def report_control_rows(tok: PreTrainedTokenizerBase, n: int, total: int) -> None:
+    """Say how many rows hold control-token strings, and how they were encoded."""
+    if n:
+        how = ("as plain text (load.special_tokens_in_text: text)" if specials_as_text(tok)
+               else "as control tokens (load.special_tokens_in_text: control)")
+        log.warning("%d of %d rows hold the tokenizer's control tokens (%s) in their text; encoded %s", n, total,
+                    ", ".join(control_tokens(tok)[:4]), how)
+
+
+def _shield(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> tuple[list[Message], list[str]]:
+    """Messages with each control-token string in their content swapped for a placeholder, and the strings."""
+    originals: list[str] = []
+    if not specials_as_text(tok):
+        return [dict(m) for m in messages], originals
+    specials = control_tokens(tok)
+    if not specials or not has_control_text(tok, (m["content"] for m in messages)):
+        return [dict(m) for m in messages], originals
+    pattern = re.compile("|".join(re.escape(s) for s in specials))
+
+    def swap(match: re.Match) -> str:
+        originals.append(match.group(0))
+        return f"\ue000{chr(0xE100 + len(originals) - 1)}\ue000"
+
+    return [{**m, "content": pattern.sub(swap, m["content"])} for m in messages], originals
+
+
+def _encode(tok: PreTrainedTokenizerBase, text: str, originals: Sequence[str] = ()) -> list[int]:
+    """Tokens of rendered text; placeholders become their original strings, tokenized as plain text."""
+    if not originals:
+        return encode_text(tok, text)
+    ids: list[int] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(text):
+        ids += encode_text(tok, text[pos : m.start()])
+        ids += tok(originals[ord(m.group(1)) - 0xE100], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        pos = m.end()
+    return ids + encode_text(tok, text[pos:])
+
+
+def _render(tok: PreTrainedTokenizerBase, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def render_prompt(tok: PreTrainedTokenizerBase, prompt: Sequence[Message]) -> str:
-    """The text the model sees before it writes its response."""
-    return tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    """The text the model sees before it writes its response (control tokens in user text as written)."""
+    return _render(tok, prompt, add_generation_prompt=True)
 
 
 def encode_text(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Tokens of already-rendered text; the template has placed any BOS itself."""
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def encode_prompt(tok: PreTrainedTokenizerBase, prompt: Sequence[Message]) -> list[int]:
+    """The tokens the model sees before it writes its response: the rendered prompt, user text kept as text."""
+    shielded, originals = _shield(tok, prompt)
+    return _encode(tok, render_prompt(tok, shielded), originals)
+
+
+def conversation_segments(tok: PreTrainedTokenizerBase, messages: Sequence[Message], turns: str = "all"
+                          ) -> list[tuple[list[int], bool]]:
+    """A conversation that ends with an assistant turn as token pieces ``(ids, is_assistant_turn)``.
+
+    Each assistant turn is what the rendering of the conversation up to it adds after the rendering of
+    what came before with the generation prompt. Turns whose rendering is not such a continuation
+    (templates that rewrite earlier turns) are folded into the context; for the final turn the
+    response is then its text plus EOS after the rendered prompt, as generation would see it.
+    ``turns="last"`` marks only the final assistant turn.
+    """
+    shielded, originals = _shield(tok, messages)
+    full = _render(tok, shielded)
+    last = len(shielded) - 1
+    prompt_text = _render(tok, shielded[:last], add_generation_prompt=True)
+    if not full.startswith(prompt_text):  # plain continuation instead
+        return [(_encode(tok, prompt_text, originals), False),
+                (_encode(tok, shielded[last]["content"], originals) + _eos(tok), True)]
+    cuts, pos = [], 0
+    earlier = [i for i, m in enumerate(shielded[:last]) if m["role"] == "assistant"] if turns == "all" else []
+    for i in earlier:
+        before, upto = _render(tok, shielded[:i], add_generation_prompt=True), _render(tok, shielded[: i + 1])
+        if len(before) >= pos and upto.startswith(before) and full.startswith(upto) and len(upto) <= len(prompt_text):
+            cuts.append((len(before), len(upto)))
+            pos = len(upto)
+    cuts.append((len(prompt_text), len(full)))
+    segments, pos = [], 0
+    for start, end in cuts:
+        if start > pos:
+            segments.append((_encode(tok, full[pos:start], originals), False))
+        segments.append((_encode(tok, full[start:end], originals), True))
+        pos = end
+    ids, _ = segments[-1]
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)  # the model must learn to stop
+    return segments
+
+
+def _eos(tok: PreTrainedTokenizerBase) -> list[int]:
+    return [tok.eos_token_id] if tok.eos_token_id is not None else []
 
 
 def split_prompt_response(tok: PreTrainedTokenizerBase, prompt: Sequence[Message], completion: str) -> tuple[list[int], list[int]]:
     """Token ids of the rendered prompt and of the response that follows it (ending in EOS)."""
-    prompt_text = render_prompt(tok, prompt)
-    full_text = tok.apply_chat_template([*prompt, {"role": "assistant", "content": completion}], tokenize=False)
-    if full_text.startswith(prompt_text):
-        response_text = full_text[len(prompt_text):]
-    else:  # templates that rewrite earlier turns once an answer exists: plain continuation instead
-        response_text = completion + (tok.eos_token or "")
-    prompt_ids, response_ids = encode_text(tok, prompt_text), encode_text(tok, response_text)
-    if tok.eos_token_id is not None and tok.eos_token_id not in response_ids:
-        response_ids.append(tok.eos_token_id)  # the model must learn to stop
-    return prompt_ids, response_ids
+    segments = conversation_segments(tok, [*prompt, {"role": "assistant", "content": completion}], turns="last")
+    return [i for ids, _ in segments[:-1] for i in ids], segments[-1][0]
 
 
 @dataclass
 class Encoded:
-    """One tokenized SFT sample; labels are IGNORE_INDEX on prompt tokens."""
+    """One tokenized SFT sample; labels are IGNORE_INDEX on prompt (and user-turn) tokens."""
 
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False
+    """The oldest tokens were dropped to fit max_length (truncation='left')."""
 
 
 class TooLong(ValueError):
-    """A sample longer than max_length under truncation='error'."""
+    """A sample longer than max_length under truncation='error'; ``field`` is the part that is too long."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 def encode_sft(
-    tok: PreTrainedTokenizerBase, prompt: Sequence[Message], completion: str, max_length: int, truncation: str = "left"
+    tok: PreTrainedTokenizerBase, prompt: Sequence[Message], completion: str, max_length: int, truncation: str = "left",
+    turns: str = "all",
 ) -> Encoded | None:
-    """Tokenize one sample and apply the truncation policy; None means dropped (no response left)."""
-    p, r = split_prompt_response(tok, prompt, completion)
-    if len(p) + len(r) > max_length:
-        if truncation == "error":
-            raise TooLong(f"sample is {len(p) + len(r)} tokens, longer than data.max_length {max_length}")
-        if truncation == "left":
-            if len(r) >= max_length:
-                return None
-            p = p[len(p) + len(r) - max_length:]
-        else:  # right
-            r = r[: max(max_length - len(p), 0)]
-            if not r:
-                return None
-    return Encoded(input_ids=p + r, labels=[IGNORE_INDEX] * len(p) + r)
+    """Tokenize one sample and apply the truncation policy; None means dropped (no response left).
+
+    ``turns``: train on every assistant turn of a multi-turn prompt ("all") or on the completion only ("last").
+    Under truncation='error' a TooLong names the field: "completion" when the response alone does not
+    fit, else "prompt".
+    """
+    segments = conversation_segments(tok, [*prompt, {"role": "assistant", "content": completion}], turns)
+    ids = [i for s, _ in segments for i in s]
+    labels = [i if trained else IGNORE_INDEX for s, trained in segments for i in s]
+    n_response = len(segments[-1][0])
+    if len(ids) <= max_length:
+        return Encoded(ids, labels)
+    if truncation == "error":
+        n_prompt = len(ids) - n_response
+        field = "completion" if n_response >= max_length else "prompt"
+        raise TooLong(f"the prompt is {n_prompt} tokens and the response {n_response}: {len(ids)} in all, longer than "
+                      f"data.max_length {max_length} (truncation: error)", field)
+    if truncation == "left":
+        if n_response >= max_length:
+            return None
+        return Encoded(ids[len(ids) - max_length:], labels[len(ids) - max_length:], truncated=True)
+    ids, labels = ids[:max_length], labels[:max_length]  # right
+    return Encoded(ids, labels) if any(t != IGNORE_INDEX for t in labels) else None
 
 
 def pad_right(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ one canonical form per task (:class:`SFTExample`, :class:`PreferenceExample`, :c
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -244,10 +245,13 @@ def _parse_json_object(text: str, path: Path, location: str) -> dict | DataError
 
 def _json_file_rows(path: Path) -> Iterator[Row]:
     """A .json file is normally an array of objects; anything else is read as JSON Lines."""
-    text = path.read_bytes().decode("utf-8-sig")
+    text = _decode_whole(path)
     try:
         whole = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):  # an array with a mistake in it: say where, not "line 1: ["
+            location = f"{path}:{e.lineno}"
+            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, location=location) from None
         whole = None
     if isinstance(whole, dict) and len(text.strip().splitlines()) > 1:
         # A pretty-printed object would otherwise fail as JSON Lines at "line 1: {", which misleads.
@@ -267,24 +271,43 @@ def _json_file_rows(path: Path) -> Iterator[Row]:
             yield location, DataError(f"expected a JSON object (got {_got(item)})", path=path, location=location)
 
 
+def _decode_whole(path: Path) -> str:
+    """A whole file as text (a BOM is dropped: spreadsheets and editors write one); bad UTF-8 names its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        location = f"{path}:{line}"
+        raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8", path=path,
+                        location=location) from None
+
+
 def _csv_rows(path: Path) -> Iterator[Row]:
     """CSV with a header row; locations are the line a row starts on (quoted cells may span lines)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often write a BOM
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return
+    reader = csv.reader(io.StringIO(_decode_whole(path), newline=""))
+    try:
+        yield from _csv_records(path, reader)
+    except csv.Error as e:
+        location = f"{path}:{reader.line_num}"
+        raise DataError(f"not valid CSV: {e}", path=path, location=location) from None
+
+
+def _csv_records(path: Path, reader) -> Iterator[Row]:
+    header = next(reader, None)
+    if header is None:
+        return
+    start = reader.line_num + 1
+    for cells in reader:
+        location = f"{path}:{start}"
         start = reader.line_num + 1
-        for cells in reader:
-            location = f"{path}:{start}"
-            start = reader.line_num + 1
-            if not any(cell.strip() for cell in cells):
-                continue
-            if len(cells) != len(header):
-                reason = f"has {len(cells)} cells but the header has {len(header)} columns"
-                yield location, DataError(reason, path=path, location=location)
-                continue
-            yield location, dict(zip(header, cells))
+        if not any(cell.strip() for cell in cells):
+            continue
+        if len(cells) != len(header):
+            reason = f"has {len(cells)} cells but the header has {len(header)} columns"
+            yield location, DataError(reason, path=path, location=location)
+            continue
+        yield location, dict(zip(header, cells))
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
@@ -363,9 +386,17 @@ def _present(record: dict, key: str) -> bool:
 
 
 def _text(value: Any, name: str) -> str:
-    """A non-empty string; whitespace-only counts as empty because it trains the model on nothing."""
+    """A non-empty string; whitespace-only counts as empty because it trains the model on nothing.
+
+    JSON can spell half of a UTF-16 surrogate pair ("\\ud800"), which no tokenizer can encode: such text is
+    a bad row here rather than a crash in the middle of tokenization."""
     if not isinstance(value, str) or not value.strip():
         raise _FieldError(name, f"must be a non-empty string (got {_got(value)})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _FieldError(name, f"holds a lone surrogate {value[e.start]!r} at character {e.start + 1}, which is not "
+                          "text any tokenizer can encode") from None
     return value
 
 
@@ -551,7 +582,8 @@ def _parse_prompt(record: dict, source: str) -> PromptExample:
 # ----------------------------------------------------------------------------------------------------
 
 OnError = Literal["raise", "skip"]
-Validator = Callable[[Any], Union[str, None]]
+Validator = Callable[[Any], Union[str, tuple[str, str], None]]
+"""A row check: None when the row is fine, else the reason, or (field, reason) when one field is at fault."""
 
 
 def load_sft(
@@ -616,7 +648,8 @@ def _parse_row(
         raise DataError(e.reason, path=path, location=location, field=e.field) from None
     problem = validate(example) if validate is not None else None
     if problem:
-        raise DataError(problem, path=path, location=location, field="sample")
+        field, reason = problem if isinstance(problem, tuple) else ("sample", problem)
+        raise DataError(reason, path=path, location=location, field=field)
     return example
 
 

@@ -13,18 +13,18 @@ from pathlib import Path
 import torch
 
 from rlhf.config import EvalConfig, GenerationConfig, ModelLoadConfig, require
-from rlhf.data.chat import encode_text, render_prompt
+from rlhf.data.chat import encode_prompt
 from rlhf.data.io import load_prompts, write_jsonl_atomic
 from rlhf.evaluation.alignment_tax import load_texts, perplexity, world_heldout_text
 from rlhf.evaluation.diversity import Embedder, diversity_report
-from rlhf.fsutil import write_json_atomic
+from rlhf.fsutil import check_out, json_with_keys, write_json_atomic
 from rlhf.models.generation import Generation, eos_ids, generate, sample_responses
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.policy import gather_logprobs, response_hidden, response_logits
 from rlhf.models.reward import RewardModel
 from rlhf.report.progress import progress_bar
 from rlhf.safety.constitution import resolve_constitution
-from rlhf.world import RATES, judge_prompt, prompt_set, summarise
+from rlhf.world import RATES, judge, parse_prompt, prompt_set, summarise
 
 log = logging.getLogger("rlhf.eval")
 
@@ -57,28 +57,56 @@ def run_policy(model_dir: str, prompts: Sequence[dict], cfg: EvalConfig, desc: s
     return gens, extra
 
 
-def response_metrics(prompts: Sequence[dict], gens: Sequence[Generation], cfg: EvalConfig) -> dict:
-    """What any model's responses can be measured by: diversity, constitution violations, RM reward."""
+def response_metrics(prompts: Sequence[dict], gens: Sequence[Generation], cfg: EvalConfig, rm: RewardModel | None
+                     ) -> tuple[dict, list[float] | None]:
+    """What any model's responses can be measured by, world prompts or not: diversity, constitution
+    violations, the reward model's mean reward; and the per-response RM rewards (None without an RM)."""
     texts = [g.text for g in gens]
     out: dict = {"diversity": diversity_report(texts, Embedder())}
     if cfg.constitution:
         out["constitution"] = resolve_constitution(cfg.constitution).summarise([p["prompt"][-1]["content"] for p in prompts], texts)
-    if cfg.reward_model:
-        rm = RewardModel.load(cfg.reward_model, cfg.load)
-        out["rm_reward"] = rm.score([p["prompt"] for p in prompts], texts, normalize=rm.normalized).mean().item()
-    return out
+    rewards = None
+    if rm is not None:
+        rewards = rm.score([p["prompt"] for p in prompts], texts, normalize=rm.normalized).tolist()
+        out["rm_reward"] = sum(rewards) / len(rewards)
+    return out, rewards
 
 
-def score(prompts: Sequence[dict], gens: Sequence[Generation]) -> tuple[dict, list]:
-    """Metrics of one policy's responses, and the per-sample judgements."""
-    judgements = [judge_prompt(p["prompt"][-1]["content"], g.text) for p, g in zip(prompts, gens)]
-    metrics = summarise(judgements)
-    checked = {f: [j for j in judgements if j.family == f] for f in ("arithmetic", "facts")}
+def world_tasks(prompts: Sequence[dict]) -> list:
+    """The assistant-world task of each prompt, None for a prompt that is not the world's (the gold judge
+    cannot score it)."""
+    return [parse_prompt(p["prompt"][-1]["content"]) for p in prompts]
+
+
+def score(tasks: Sequence, gens: Sequence[Generation]) -> tuple[dict, list]:
+    """Metrics of one policy's responses, and the per-sample judgements (None where the prompt is not the
+    world's: the gold figures cover the world prompts only; length and EOS rate cover every prompt)."""
+    judgements = [judge(t, g.text) if t is not None else None for t, g in zip(tasks, gens)]
+    judged = [j for j in judgements if j is not None]
+    metrics = summarise(judged)
+    checked = {f: [j for j in judged if j.family == f] for f in ("arithmetic", "facts")}
     metrics["accuracy_by_family"] = {f: sum(bool(j.correct) for j in js) / len(js) for f, js in checked.items() if js}
     metrics["mean_length"] = sum(len(g.token_ids) for g in gens) / max(len(gens), 1)
     metrics["eos_rate"] = sum(g.ended for g in gens) / max(len(gens), 1)
-    metrics["intervals"] = rate_intervals(judgements)
+    metrics["intervals"] = rate_intervals(judged)
     return metrics, judgements
+
+
+# Which judge produced each figure of an eval result (the "judges" key of the output).
+GOLD_FIGURES = ("gold_score", "families", "axes", "accuracy_by_family", "win_rate",
+                *(name for name, _, _ in RATES))
+JUDGES = {"rm_reward": "reward_model", "rm_win_rate": "reward_model", "mean_length": "counted", "eos_rate": "counted",
+          "diversity": "embeddings", "constitution": "constitution", "perplexity": "policy likelihood",
+          "redteam": "gold judge (red-team cases)"}
+
+
+def judges_of(result: dict) -> dict[str, str]:
+    """Map each figure present in an eval result to what produced it: the gold judge (world prompts only),
+    the reward model, the constitution, a count."""
+    out = {k: f"gold judge ({result['judged_prompts']} assistant-world prompts)" for k in GOLD_FIGURES
+           if result.get(k) is not None and result["judged_prompts"]}
+    out.update({k: v for k, v in JUDGES.items() if result.get(k) is not None})
+    return out
 
 
 Z95 = 1.959964  # two-sided 95% quantile of the standard normal
@@ -132,32 +160,63 @@ def win_rate(ours: Sequence, theirs: Sequence) -> float:
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate cfg.model (and cfg.against); write cfg.out (JSON) and a samples file beside it."""
     require(cfg, "model", "out", stage="eval")
+    check_out(cfg.out, stage="eval", kind="file", overwrite=cfg.overwrite, state=json_with_keys("model", "n_prompts"),
+              inputs={"model": cfg.model, "against": cfg.against, "prompts": cfg.prompts,
+                      "reward_model": cfg.reward_model, "perplexity_text": cfg.perplexity_text})
     if cfg.constitution:
         resolve_constitution(cfg.constitution)  # a bad file fails now, not after generating
     prompts = eval_prompts(cfg)
+    tasks = world_tasks(prompts)
+    n_world = sum(t is not None for t in tasks)
+    if n_world < len(prompts):
+        log.info("%d of %d prompts are not assistant-world prompts: the gold judge scores the other %d; length, EOS "
+                 "rate, diversity%s cover all", len(prompts) - n_world, len(prompts), n_world,
+                 " and the reward model" if cfg.reward_model else "")
+    rm = RewardModel.load(cfg.reward_model, cfg.load) if cfg.reward_model else None
     gens, capability = run_policy(cfg.model, prompts, cfg, "eval")
-    metrics, judged = score(prompts, gens)
-    result = {"model": str(cfg.model), "n_prompts": len(prompts), **metrics, **capability,
-              **response_metrics(prompts, gens, cfg)}
+    metrics, judged = score(tasks, gens)
+    figures, rewards = response_metrics(prompts, gens, cfg, rm)
+    result = {"model": str(cfg.model), "n_prompts": len(prompts), "judged_prompts": n_world,
+              "unjudged_prompts": len(prompts) - n_world, **metrics, **capability, **figures}
     if cfg.redteam:
         result["redteam"] = redteam_summary(cfg)
     samples = [
-        {"prompt": p["prompt"][-1]["content"], "family": j.family, "response": g.text, "gold": j.total,
-         "ended": g.ended, "reasons": list(j.reasons)}
-        for p, g, j in zip(prompts, gens, judged)
+        {"prompt": p["prompt"][-1]["content"], "family": j.family if j else None, "response": g.text,
+         "gold": j.total if j else None, "ended": g.ended, "reasons": list(j.reasons) if j else [],
+         **({"rm_reward": rewards[i]} if rewards else {})}
+        for i, (p, g, j) in enumerate(zip(prompts, gens, judged))
     ]
     if cfg.against:
-        other_gens, other_capability = run_policy(cfg.against, prompts, cfg, "eval ref")
-        other_metrics, other_judged = score(prompts, other_gens)
-        result["win_rate"] = win_rate(judged, other_judged)
-        result["intervals"]["win_rate"] = mean_interval(win_outcomes(judged, other_judged))
-        result["against"] = {"model": str(cfg.against), **other_metrics, **other_capability}
-        for s, g, j in zip(samples, other_gens, other_judged):
-            s["against_response"], s["against_gold"] = g.text, j.total
+        compare_against(cfg, prompts, tasks, rm, result, samples, judged, rewards)
+    result["judges"] = judges_of(result)
     out = Path(cfg.out)
     write_json_atomic(out, result)
     write_jsonl_atomic(out.with_name(out.stem + ".samples.jsonl"), samples)
     return result
+
+
+def compare_against(cfg: EvalConfig, prompts, tasks, rm, result: dict, samples: list[dict], judged: list,
+                    rewards: list[float] | None) -> None:
+    """Add the `against` model's figures and the win rates of cfg.model over it: by the gold judge on the world
+    prompts (``win_rate``), and by the reward model on every prompt (``rm_win_rate``). Ties count half."""
+    other_gens, other_capability = run_policy(cfg.against, prompts, cfg, "eval ref")
+    other_metrics, other_judged = score(tasks, other_gens)
+    ours = [j for j in judged if j is not None]
+    theirs = [j for j in other_judged if j is not None]
+    if ours:
+        result["win_rate"] = win_rate(ours, theirs)
+        result["intervals"]["win_rate"] = mean_interval(win_outcomes(ours, theirs))
+    other_figures, other_rewards = response_metrics(prompts, other_gens, cfg, rm)
+    if rewards is not None:
+        outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, other_rewards)]
+        result["rm_win_rate"] = sum(outcomes) / len(outcomes)
+        result["intervals"]["rm_win_rate"] = mean_interval(outcomes)
+    result["against"] = {"model": str(cfg.against), **other_metrics, **other_capability,
+                         **{k: v for k, v in other_figures.items() if k != "diversity"}}
+    for i, (s, g, j) in enumerate(zip(samples, other_gens, other_judged)):
+        s["against_response"], s["against_gold"] = g.text, j.total if j else None
+        if other_rewards:
+            s["against_rm_reward"] = other_rewards[i]
 
 
 def redteam_summary(cfg: EvalConfig) -> dict:
@@ -189,7 +248,7 @@ def kl_to_reference(model_dir: str, reference_dir: str, prompts: Sequence[dict],
     reference, _ = load_causal_lm(reference_dir, load)
     policy.eval(), reference.eval()
     stop = eos_ids(policy, tok)
-    encoded = [encode_text(tok, render_prompt(tok, p["prompt"])) for p in prompts]
+    encoded = [encode_prompt(tok, p["prompt"]) for p in prompts]
     torch.manual_seed(seed)
     per_sequence = []
     with progress_bar("kl", len(encoded)) as bar:

@@ -28,8 +28,9 @@ from rlhf.algos.reward import preference_accuracy
 from rlhf.config import EvalRMConfig, require
 from rlhf.data.io import PreferenceExample, load_preferences, to_record
 from rlhf.evaluation.agreement import annotator_report, units_from_preferences
-from rlhf.fsutil import write_json_atomic
-from rlhf.models.reward import RewardModel
+from rlhf.fsutil import check_out, json_with_keys, write_json_atomic
+from rlhf.models.loading import check_length
+from rlhf.models.reward import RewardModel, member_folders
 
 log = logging.getLogger("rlhf.eval_rm")
 
@@ -141,6 +142,10 @@ def evaluate_reward_model(rm: RewardModel, pairs: Sequence[PreferenceExample], *
 def run_eval_rm(cfg: EvalRMConfig) -> dict:
     """Evaluate cfg.model on cfg.data; write cfg.out (JSON); return the metrics."""
     require(cfg, "model", "data", "out", stage="eval-rm")
+    check_out(cfg.out, stage="eval-rm", kind="file", inputs={"model": cfg.model, "data": cfg.data}, overwrite=cfg.overwrite,
+              state=json_with_keys("model", "n_pairs"))
+    for folder in member_folders(cfg.model):
+        check_length(folder, cfg.max_length, "max_length")
     pairs = list(load_preferences(cfg.data))
     rm = RewardModel.load(cfg.model, cfg.load)
     result = {"model": str(cfg.model), "data": str(cfg.data),

@@ -35,6 +35,8 @@ def add_annotate_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--dataset", help="preference pairs as a Hugging Face datasets folder (save_to_disk)")
     e.add_argument("--keep_ties", action="store_true", help="keep tie and both-bad labels as rows with margin 0 and 'outcome'")
     e.add_argument("--include_gold", action="store_true", help="also export the labels of gold (known-answer) items")
+    e.add_argument("--overwrite", action="store_true", help="replace earlier exports at these paths (other files are "
+                   "never replaced)")
 
     a = sub.add_parser("add-user", help="create an account, or reset its credentials (there are no default accounts)")
     a.add_argument("--db", required=True, help="the database (SQLite path or SQLAlchemy URL)")
@@ -97,7 +99,7 @@ def run_annotate(ns: argparse.Namespace) -> None:
             from rlhf.feedback.export import export
 
             counts = export(store, out=ns.out, sft=ns.sft, dataset=ns.dataset, keep_ties=ns.keep_ties,
-                            include_gold=ns.include_gold)
+                            include_gold=ns.include_gold, overwrite=ns.overwrite)
             print(json.dumps(counts))
     except (AuthError, StoreError, ValueError) as e:
         if isinstance(e, ConfigError):

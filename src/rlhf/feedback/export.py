@@ -16,6 +16,7 @@ record writer (rlhf.data.io.to_record), so they have exactly the columns the loa
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from itertools import combinations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from rlhf.data.io import PreferenceExample, SFTExample, to_record, write_jsonl_atomic
 from rlhf.feedback.store import Store
-from rlhf.fsutil import atomic_dir
+from rlhf.fsutil import atomic_dir, check_out
 
 log = logging.getLogger("rlhf.annotate")
 
@@ -108,11 +109,39 @@ def write_dataset(rows: list[dict], out: str | Path) -> None:
         Dataset.from_list(table).save_to_disk(str(tmp))
 
 
+def _export_state(keys: tuple[str, ...]):
+    """check_out's view of an earlier export: a JSON Lines file whose first row has ``keys``."""
+
+    def state(path: Path) -> str | None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = json.loads(f.readline())
+        except (OSError, ValueError):
+            return None
+        return "finished" if isinstance(first, dict) and all(k in first for k in keys) else None
+
+    return state
+
+
+def check_export_paths(out: str | None, sft: str | None, dataset: str | None, overwrite: bool) -> None:
+    """Refuse, before anything is read, paths that hold anything but an earlier export (or one without --overwrite)."""
+    if out:
+        check_out(out, stage="annotate export", kind="file", state=_export_state(("chosen", "rejected")),
+                  overwrite=overwrite)
+    if sft:
+        check_out(sft, stage="annotate export", kind="file", state=_export_state(("prompt", "completion")),
+                  overwrite=overwrite, flag="--sft")
+    if dataset:
+        check_out(dataset, stage="annotate export", kind="dir", overwrite=overwrite, flag="--dataset",
+                  state=lambda p: "finished" if (p / "dataset_info.json").is_file() else None)
+
+
 def export(store: Store, *, out: str | None = None, sft: str | None = None, dataset: str | None = None,
-           keep_ties: bool = False, include_gold: bool = False) -> dict[str, int]:
+           keep_ties: bool = False, include_gold: bool = False, overwrite: bool = False) -> dict[str, int]:
     """Write the requested files; returns how many rows each got."""
     if not (out or sft or dataset):
         raise ValueError("nothing to export: give --out (preference JSONL), --sft (demonstration JSONL) or --dataset (folder)")
+    check_export_paths(out, sft, dataset, overwrite)
     counts: dict[str, int] = {}
     if out or dataset:
         prefs = preference_rows(store, keep_ties=keep_ties, include_gold=include_gold)

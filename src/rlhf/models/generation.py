@@ -14,7 +14,7 @@ from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
 from rlhf.config import GenerationConfig
-from rlhf.data.chat import Message, encode_text, pad_left, render_prompt
+from rlhf.data.chat import Message, encode_prompt, pad_left
 
 
 @dataclass
@@ -162,7 +162,7 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = [encode_text(tok, render_prompt(tok, p)) for p in prompts]
+    encoded = [encode_prompt(tok, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths: less padding
     stop = eos_ids(model, tok)
     results: list[Generation | None] = [None] * len(prompts)

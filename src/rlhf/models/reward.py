@@ -24,9 +24,10 @@ from transformers import AutoModelForSequenceClassification, DynamicCache, PreTr
 
 from rlhf.algos.core import last_token_index, position_ids_from_mask
 from rlhf.config import ModelLoadConfig
-from rlhf.data.chat import Message, encode_sft, encode_text
-from rlhf.models.loading import DTYPES, check_model_dir, ensure_pad_token, load_tokenizer
+from rlhf.data.chat import Encoded, Message, TooLong, encode_sft, specials_as_text
+from rlhf.models.loading import check_model_dir, disable_dropout, ensure_pad_token, from_pretrained, load_tokenizer
 from rlhf.models.policy import unwrap
+from rlhf.models.tokenizer import CHAT_TEMPLATE
 
 log = logging.getLogger("rlhf.models")
 
@@ -44,15 +45,18 @@ def load_reward_backbone(path: str | Path, load: ModelLoadConfig | None = None, 
     """A sequence-classification model with one output from any folder: a causal LM (new head) or a reward model."""
     load = load or ModelLoadConfig()
     path = check_model_dir(path)
-    tok = load_tokenizer(path, load.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=DTYPES[load.dtype], trust_remote_code=load.trust_remote_code,
-        attn_implementation=load.attn_implementation)
+    tok = load_tokenizer(path, load, template=False)
+    model = from_pretrained(AutoModelForSequenceClassification, path, load, num_labels=1)
     if not is_encoder(model):
+        # Decoders read the chat-formatted conversation, as the policy wrote it; encoders read a sentence
+        # pair and keep their folder's own template (or none), so the saved folder renders with its tokenizer.
+        if not tok.chat_template:
+            tok.chat_template = CHAT_TEMPLATE
         ensure_pad_token(model, tok)
-    for m in model.modules():  # dropout off: the same pair must score the same in every pass
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    elif tok.num_special_tokens_to_add(pair=True) == 0:
+        log.warning("the tokenizer of %s adds no separators to a sentence pair; prompt and response are joined "
+                    "with a newline", path)
+    disable_dropout(model)  # the same pair must score the same in every pass
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tok
@@ -114,17 +118,35 @@ def encode_for_reward(tok: PreTrainedTokenizerBase, prompt: Sequence[Message], r
     ``[CLS] prompt [SEP] response [SEP]`` (scored with segment ids 0 throughout: pass only input_ids
     and attention_mask when you call such a model yourself). Overlong prompts lose their oldest tokens.
     """
+    enc = encode_reward_input(tok, prompt, response, max_length, encoder)
+    return None if enc is None else enc.input_ids
+
+
+def encode_reward_input(tok: PreTrainedTokenizerBase, prompt: Sequence[Message], response: str, max_length: int,
+                        encoder: bool = False, truncation: str = "left") -> Encoded | None:
+    """``encode_for_reward`` with whether the prompt was cut (``Encoded.truncated``); truncation="error" raises
+    TooLong naming the part that is too long ("prompt" or "completion")."""
     if not encoder:
-        enc = encode_sft(tok, prompt, response, max_length, "left")
-        return None if enc is None else enc.input_ids
+        return encode_sft(tok, prompt, response, max_length, truncation, turns="last")
     prompt_text = "\n".join(m["content"] for m in prompt)  # encoders have no chat template (and often no EOS)
-    if len(encode_text(tok, response)) + tok.num_special_tokens_to_add(pair=True) >= max_length:
+    if tok.num_special_tokens_to_add(pair=True) == 0:  # no separators: a newline at least keeps the two apart
+        prompt_text += "\n"
+    plain = specials_as_text(tok)
+    n_response = len(tok(response, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
+    n_extra = tok.num_special_tokens_to_add(pair=True)
+    n_prompt = len(tok(prompt_text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
+    if n_prompt + n_response + n_extra > max_length and truncation == "error":
+        field = "completion" if n_response + n_extra >= max_length else "prompt"
+        raise TooLong(f"the prompt is {n_prompt} tokens and the response {n_response}: {n_prompt + n_response + n_extra} "
+                      f"with separators, longer than data.max_length {max_length} (truncation: error)", field)
+    if n_response + n_extra >= max_length:
         return None
     side, tok.truncation_side = tok.truncation_side, "left"  # overlong prompts lose their oldest tokens
     try:
-        return tok(prompt_text, response, truncation="only_first", max_length=max_length)["input_ids"]
+        ids = tok(prompt_text, response, truncation="only_first", max_length=max_length, split_special_tokens=plain)["input_ids"]
     finally:
         tok.truncation_side = side
+    return Encoded(ids, ids, truncated=n_prompt + n_response + n_extra > max_length)
 
 
 class RewardModel:

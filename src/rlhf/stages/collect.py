@@ -24,7 +24,7 @@ from rlhf.config import CollectConfig, require
 from rlhf.configlib import ConfigError, to_dict
 from rlhf.data.io import load_prompts, write_jsonl_atomic
 from rlhf.evaluation.agreement import annotator_report
-from rlhf.fsutil import write_json_atomic
+from rlhf.fsutil import check_out, read_json, write_json_atomic
 from rlhf.models.generation import generate
 from rlhf.models.loading import load_causal_lm
 from rlhf.report.progress import progress_bar
@@ -50,6 +50,17 @@ def world_tasks(prompts) -> list:
     return tasks
 
 
+def stats_path(out: str | Path) -> Path:
+    """The statistics file written beside a collected preference file."""
+    return Path(out).with_name(Path(out).stem + ".stats.json")
+
+
+def collect_state(out: Path) -> str | None:
+    """An earlier `rlhf collect` output (its statistics file lies beside it) is "finished"; anything else is not ours."""
+    stats = read_json(stats_path(out))
+    return "finished" if isinstance(stats, dict) and "labels" in stats else None
+
+
 def label_pair(task, a: str, b: str, names: list[str], rng: random.Random) -> tuple[list[dict], dict[str, str]]:
     """Each named annotator's label of one pair: preference rows (chosen, rejected, margin from how sure
     it was), and every annotator's verdict including ties (ties make no row)."""
@@ -68,6 +79,8 @@ def label_pair(task, a: str, b: str, names: list[str], rng: random.Random) -> tu
 def run_collect(cfg: CollectConfig) -> dict:
     """Sample, pair and label; write cfg.out (JSONL) and its statistics beside it; return the statistics."""
     require(cfg, "policy", "prompts", "out", stage="collect")
+    check_out(cfg.out, stage="collect", kind="file", inputs={"policy": cfg.policy, "prompts": cfg.prompts},
+              state=collect_state, overwrite=cfg.overwrite)
     for name in cfg.annotators:
         try:
             annotator(name)
@@ -117,7 +130,7 @@ def run_collect(cfg: CollectConfig) -> dict:
             add_pair(i, f"{i}-m{m}", mrng.choice(texts[i]), mrng.choice(texts[j]), mrng)
     ties = sum(v == "tie" for pair in verdicts.values() for v in pair.values())
     if not rows:
-        raise ValueError(f"no preference rows: {identical} identical pairs, {empty} with an empty reply, {ties} "
+        raise ConfigError(f"no preference rows: {identical} identical pairs, {empty} with an empty reply, {ties} "
                          "labelled tie; sample more diverse responses (generation.temperature, k) or more prompts")
     out = Path(cfg.out)
     write_jsonl_atomic(out, rows)
@@ -127,6 +140,6 @@ def run_collect(cfg: CollectConfig) -> dict:
              "identical_pairs_skipped": identical, "empty_pairs_skipped": empty, "eos_rate": sum(g.ended for g in gens) / len(gens),
              # Agreement over every verdict, ties included: what the annotators did, not only what was kept.
              "annotators": annotator_report(verdicts), "config": to_dict(cfg)}
-    write_json_atomic(out.with_name(out.stem + ".stats.json"), stats)
+    write_json_atomic(stats_path(out), stats)
     log.info("collect: %d labels on %d pairs from %d prompts -> %s", len(rows), stats["pairs"], len(prompts), out)
     return stats

@@ -21,7 +21,7 @@ from rlhf.configlib import to_dict
 from rlhf.evaluation.alignment_tax import alignment_tax
 from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
-from rlhf.fsutil import atomic_dir, stage_done, write_json_atomic
+from rlhf.fsutil import atomic_dir, check_out, read_json, stage_done, write_json_atomic
 from rlhf.report.html import build_report
 from rlhf.safety.redteam import headline, run_redteam
 from rlhf.stages.collect import run_collect
@@ -87,6 +87,12 @@ def stage_configs(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def run_state(path: Path) -> str | None:
+    """A run folder (its config.json is a pipeline config) is resumed: finished stages are skipped."""
+    cfg = read_json(path / "config.json")
+    return "resumable" if isinstance(cfg, dict) and {"world", "sft", "ppo"} <= set(cfg) else None
+
+
 def heldout_collect(cfg: RunConfig):
     """Preference pairs on the held-out prompts (other phrasings and entities) for evaluating the RM."""
     held = copy.deepcopy(cfg.collect)
@@ -100,8 +106,9 @@ def run_pipeline(cfg: RunConfig) -> dict:
     """Run every unfinished stage, write summary.json and print the summary table; returns the summary."""
     cfg = stage_configs(cfg)
     root = Path(cfg.out)
+    check_out(root, stage="run", kind="dir", state=run_state, resume=True)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    write_json_atomic(root / "config.json", to_dict(cfg))
     summary_path = root / "summary.json"
     times = json.loads(summary_path.read_text()).get("time_seconds", {}) if summary_path.is_file() else {}
     world = root / "world"

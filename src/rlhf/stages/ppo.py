@@ -52,11 +52,12 @@ from rlhf.algos.ppo import (
 )
 from rlhf.config import PPOConfig, require
 from rlhf.configlib import ConfigError, to_dict
-from rlhf.data.chat import Encoded, encode_sft, encode_text, pad_right, render_prompt
+from rlhf.data.chat import Encoded, encode_prompt, encode_sft, encode_text, pad_right
 from rlhf.data.io import load_prompts, load_records, load_sft
-from rlhf.fsutil import atomic_dir, write_json_atomic
+from rlhf.fsutil import (atomic_dir, check_out, fingerprint, mark_stage, marked, remove_output, stage_done,
+                         write_json_atomic)
 from rlhf.models.generation import eos_ids, sample_responses
-from rlhf.models.loading import apply_lora, load_causal_lm, save_model
+from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.models.policy import ValueHead, gather_logprobs, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders
 from rlhf.report.metrics import MetricsLogger
@@ -196,7 +197,7 @@ def load_prompt_stream(cfg: PPOConfig, tok) -> tuple[PromptStream, bool]:
     """Encoded prompts and whether they are assistant-world prompts (then the gold judge scores rollouts)."""
     rows = list(load_prompts(cfg.prompts))[: cfg.n_prompts]
     messages, texts = [r.prompt for r in rows], [r.prompt[-1]["content"] for r in rows]
-    world = all(parse_prompt(t) is not None for t in texts[:50])
+    world = all(parse_prompt(t) is not None for t in texts)
     if cfg.safety.redteam_share > 0:
         if not world:
             raise ConfigError("ppo.safety.redteam_share: red-team prompts are built from the assistant world's harmful "
@@ -208,7 +209,7 @@ def load_prompt_stream(cfg: PPOConfig, tok) -> tuple[PromptStream, bool]:
         messages += [a.messages for a in attacks]
         texts += [a.case.prompt for a in attacks]
         log.info("PPO prompts: %d, of which %d red-team attacks (training wordings)", len(messages), len(attacks))
-    encoded = [encode_text(tok, render_prompt(tok, m)) for m in messages]
+    encoded = [encode_prompt(tok, m) for m in messages]
     return PromptStream(encoded, messages, cfg.seed, texts), world
 
 
@@ -265,6 +266,7 @@ class PPORun:
                                             weight_decay=cfg.weight_decay, eps=1e-5)
         self.kl_ctl = kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
         self.iteration = 0
+        self.inputs = input_fingerprints(cfg)  # recorded in every checkpoint: a resume must read the same
 
     # -- rollout ----------------------------------------------------------------------------------------
 
@@ -461,7 +463,8 @@ class PPORun:
             save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
             torch.save({"policy": self.policy_opt.state_dict(), "critic": self.critic_opt.state_dict()}, tmp / "optimizer.pt")
             torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]))}, tmp / "rng.pt")
-            write_json_atomic(tmp / "state.json", {"iteration": self.iteration, "kl_controller": self.kl_ctl.state_dict()})
+            write_json_atomic(tmp / "state.json", {"iteration": self.iteration, "kl_controller": self.kl_ctl.state_dict(),
+                                                   "config": to_dict(self.cfg), "inputs": self.inputs})
         for old in sorted(checkpoints(out), key=checkpoint_step)[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         return path
@@ -503,13 +506,82 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         os.replace(tmp, path)
 
 
-def prepare_out(cfg: PPOConfig, run: PPORun) -> Path:
-    """Create or resume the output folder; a folder with checkpoints is never overwritten silently."""
+# Settings that do not change what a resumed run computes: they may differ from the checkpoint's.
+RESUME_FREE = ("out", "resume", "resume_changed", "overwrite", "iterations", "save_every", "log_every")
+INPUTS = ("policy", "reward_model", "prompts", "ptx_data")
+
+
+def input_fingerprints(cfg: PPOConfig) -> dict[str, dict | None]:
+    """What the run reads, for the resume check: each input's resolved path and a digest of its content."""
+    return {name: {"path": str(Path(v).resolve()), "digest": fingerprint(v)} if (v := getattr(cfg, name)) else None
+            for name in INPUTS}
+
+
+def resume_differences(saved: dict, cfg: PPOConfig) -> list[str]:
+    """How the run asked for differs from the one a checkpoint was made with: inputs first, then settings."""
+    diffs = []
+    now = input_fingerprints(cfg)
+    for name in INPUTS:
+        before, after = (saved.get("inputs") or {}).get(name), now[name]
+        if (before or {}).get("digest") != (after or {}).get("digest"):
+            was = before["path"] if before else "none"
+            diffs.append(f"{name}: {was} -> {getattr(cfg, name) or 'none'} ({'other content' if before and after else 'changed'})")
+    old, new = flatten(saved.get("config") or {}), flatten(to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in (*RESUME_FREE, *INPUTS):
+            continue
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return diffs
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def ppo_state(path: Path) -> str | None:
+    """What a folder holds for check_out: a finished PPO run, one to resume, one killed early, or none."""
+    if stage_done(path, "ppo") is not None:
+        return "finished"
+    if checkpoints(path):
+        return "resumable"
+    return "partial" if marked(path, "ppo") else None
+
+
+def check_ppo_out(cfg: PPOConfig) -> str:
+    """Before any model loads: may cfg.out be written ("new", "replace") or resumed ("resume")? A resume must
+    continue the same run: other inputs or settings than the checkpoint's are refused unless resume_changed."""
+    inputs = {"policy": cfg.policy, "reward_model": cfg.reward_model, "prompts": cfg.prompts, "ptx_data": cfg.ptx_data}
+    action = check_out(cfg.out, stage="ppo", kind="dir", inputs=inputs, state=ppo_state, overwrite=cfg.overwrite,
+                       resume=cfg.resume)
+    if action == "resume":
+        last = max(checkpoints(Path(cfg.out)), key=checkpoint_step)
+        saved = json.loads((last / "state.json").read_text())
+        if "config" not in saved:
+            log.warning("%s records no settings (an older checkpoint): resuming without checking them", last)
+        elif diffs := resume_differences(saved, cfg):
+            listed = "; ".join(diffs)
+            if not cfg.resume_changed:
+                raise ConfigError(f"ppo: --resume: {last} was made by a different run ({listed}); pass "
+                                  "--resume_changed to continue with these changes, or --overwrite to start again")
+            log.warning("resuming %s with changes (--resume_changed): %s", last, listed)
+    return action
+
+
+def prepare_out(cfg: PPOConfig, run: PPORun, action: str) -> Path:
+    """Create, replace or resume the output folder (as check_ppo_out decided)."""
     out = Path(cfg.out)
-    found = checkpoints(out) if out.is_dir() else []
-    if found and not cfg.resume:
-        raise ConfigError(f"{out} already holds PPO checkpoints; pass --resume to continue, or choose another --out")
+    if action == "replace":
+        remove_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_stage(out, "ppo")
+    found = checkpoints(out) if action == "resume" else []
     if found:
         last = max(found, key=checkpoint_step)
         run.load_checkpoint(last)
@@ -576,8 +648,12 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
     from rlhf.safety.rewards import safety_components
 
     require(cfg, "policy", "reward_model", "prompts", "out", stage="ppo")
+    action = check_ppo_out(cfg)
+    check_length(cfg.policy, cfg.generation.max_new_tokens + 1, "generation.max_new_tokens")
+    if cfg.ptx_coef > 0:
+        check_length(cfg.policy, cfg.ptx_max_length, "ptx_max_length")
     run = PPORun(cfg, [*components, *safety_components(cfg.safety)])
-    out = prepare_out(cfg, run)
+    out = prepare_out(cfg, run, action)
     start, first = time.perf_counter(), run.iteration
     if first == 0:  # alerts of an earlier attempt that died before its first checkpoint
         (out / "alerts.jsonl").unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from rlhf.config import PretrainConfig, require
 from rlhf.configlib import to_dict
 from rlhf.data.io import DataError, load_records
-from rlhf.fsutil import atomic_dir, write_json_atomic
+from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
 from rlhf.models.tokenizer import train_tokenizer
 from rlhf.report.metrics import MetricsLogger
 from rlhf.training import evaluate_loss, fit, lm_loss, make_accelerator
@@ -70,11 +70,15 @@ def build_model(cfg: PretrainConfig, tok) -> LlamaForCausalLM:
 def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train the tokenizer and the base model; write the model folder atomically; return a summary."""
     require(cfg, "corpus", "out", stage="pretrain")
+    check_out(cfg.out, stage="pretrain", kind="dir", inputs={"corpus": cfg.corpus}, overwrite=cfg.overwrite)
     docs = read_corpus(cfg.corpus)
     random.Random(cfg.train.seed).shuffle(docs)
     contents = [d.get("text") or " ".join(m["content"] for m in d["messages"]) for d in docs]
     tok = train_tokenizer(contents, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
     blocks = pack_blocks(render_corpus(docs, tok), tok, cfg.seq_len)  # (N, T)
+    if len(blocks) < 2:
+        raise DataError(f"{cfg.corpus}: {len(docs)} documents make {len(blocks)} blocks of seq_len={cfg.seq_len} tokens; "
+                        "pretraining needs at least 2 (one to train on, one to validate)", path=cfg.corpus)
     n_val = max(1, int(len(blocks) * cfg.val_fraction))
     train_blocks, val_blocks = blocks[n_val:], blocks[:n_val]
     model = build_model(cfg, tok)

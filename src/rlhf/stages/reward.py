@@ -21,13 +21,15 @@ from rlhf.config import DataConfig, RewardConfig, require
 from rlhf.configlib import to_dict
 from rlhf.data.io import DataError, PreferenceExample, load_preferences, load_prompts, to_record
 from rlhf.evaluation.agreement import annotator_report, units_from_preferences
-from rlhf.fsutil import atomic_dir, write_json_atomic
-from rlhf.models.loading import apply_lora, load_causal_lm, save_model
+from rlhf.data.chat import TooLong, count_control_rows, report_control_rows
+from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
+from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.models.reward import (
     ENSEMBLE_FILE,
     RewardModel,
     collate_sequences,
     encode_for_reward,
+    encode_reward_input,
     is_encoder,
     load_reward_backbone,
     reward_forward,
@@ -48,31 +50,38 @@ class EncodedPair:
     margin: float | None
 
 
-def encode_pairs(tok, examples: list[PreferenceExample], data: DataConfig, encoder: bool) -> list[EncodedPair]:
-    """Tokenize both sides. The reward is read at the end, so overlong prompts lose their oldest tokens;
-    a pair whose response alone is too long is dropped and counted, or with truncation='error' is a bad
-    row (data.on_error decides whether that stops the run)."""
-    pairs, dropped = [], []
+def encode_pairs(tok, examples: list[PreferenceExample], data: DataConfig, encoder: bool
+                 ) -> tuple[list[EncodedPair], dict[str, int]]:
+    """Tokenize both sides. The reward is read at the end, so overlong prompts lose their oldest tokens
+    (counted); a pair whose response alone is too long is dropped and counted, or with truncation='error'
+    is a bad row naming the field that is too long (data.on_error decides whether that stops the run)."""
+    pairs, dropped, truncated = [], [], 0
     for ex in examples:
-        c = encode_for_reward(tok, ex.prompt, ex.chosen, data.max_length, encoder)
-        r = encode_for_reward(tok, ex.prompt, ex.rejected, data.max_length, encoder)
-        if data.truncation == "error":
-            too_long = [side for side, full in (("chosen", ex.chosen), ("rejected", ex.rejected))
-                        if len(encode_for_reward(tok, ex.prompt, full, 10**9, encoder)) > data.max_length]
-            if too_long and data.on_error == "raise":
-                raise DataError(f"sample is longer than data.max_length {data.max_length} (truncation: error)",
-                                path=data.path, location=ex.source or None, field=too_long[0])
-            c = None if too_long else c
-        if c is None or r is None:
+        sides = []
+        for name, reply in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+            try:
+                sides.append(encode_reward_input(tok, ex.prompt, reply, data.max_length, encoder, data.truncation))
+            except TooLong as e:
+                if data.on_error == "raise":
+                    raise DataError(str(e), path=data.path, location=ex.source or None,
+                                    field=name if e.field == "completion" else "prompt") from None
+                sides.append(None)
+        if sides[0] is None or sides[1] is None:
             dropped.append(ex.source)
-        else:
-            pairs.append(EncodedPair(c, r, ex.margin))
+            continue
+        pairs.append(EncodedPair(sides[0].input_ids, sides[1].input_ids, ex.margin))
+        truncated += sides[0].truncated or sides[1].truncated
     if dropped:
         log.warning("dropped %d of %d pairs longer than data.max_length=%d (first: %s)", len(dropped), len(examples),
                     data.max_length, ", ".join(dropped[:3]))
+    if truncated:
+        log.warning("%d of %d pairs lost their oldest prompt tokens to fit data.max_length=%d", truncated, len(examples),
+                    data.max_length)
     if not pairs:
-        raise ValueError(f"no pairs left after truncation to data.max_length={data.max_length}")
-    return pairs
+        raise DataError(f"no pairs left after truncation to data.max_length={data.max_length}", path=data.path)
+    controls = count_control_rows(tok, ([m["content"] for m in ex.prompt] + [ex.chosen, ex.rejected] for ex in examples))
+    report_control_rows(tok, controls, len(examples))
+    return pairs, {"dropped_overlong": len(dropped), "truncated_prompts": truncated, "control_token_rows": controls}
 
 
 def collate_pairs(pairs: list[EncodedPair], pad_id: int, default_margin: float) -> dict[str, torch.Tensor]:
@@ -166,14 +175,17 @@ def make_validate(cfg: RewardConfig, val_batches: list[dict], device):
     return validate
 
 
-def load_pairs(data: DataConfig, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
-    """Training and validation pairs: from val_path, or a seeded val_fraction of the training file."""
-    train = list(load_preferences(data.path, on_error=data.on_error))
+def load_pairs(data: DataConfig, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample], int]:
+    """Training and validation pairs: from val_path, or a seeded val_fraction of the training file; and how many
+    bad rows were skipped (data.on_error: skip)."""
+    loaded = load_preferences(data.path, on_error=data.on_error)
+    train, skipped = list(loaded), len(loaded.skipped)
     if data.val_path:
-        return train, list(load_preferences(data.val_path, on_error=data.on_error))
+        val = load_preferences(data.val_path, on_error=data.on_error)
+        return train, list(val), skipped + len(val.skipped)
     random.Random(seed).shuffle(train)
     n_val = int(len(train) * data.val_fraction)
-    return train[n_val:], train[:n_val]
+    return train[n_val:], train[:n_val], skipped
 
 
 def filter_annotators(cfg: RewardConfig, train: list[PreferenceExample]) -> tuple[list[PreferenceExample], list[str]]:
@@ -230,11 +242,11 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
     torch.manual_seed(seed)  # the new head's initialisation: reproducible, and different per member
     model, tok = load_reward_backbone(cfg.model, cfg.load, gradient_checkpointing=cfg.train.gradient_checkpointing)
     encoder = is_encoder(model)
+    train_pairs, counts = encode_pairs(tok, train, cfg.data, encoder)
+    val_pairs = encode_pairs(tok, val, cfg.data, encoder)[0] if val else []
     if cfg.ensemble > 1 and cfg.bootstrap:  # each member sees a different resample: disagreement means uncertainty
         rng = random.Random(seed)
-        train = [train[rng.randrange(len(train))] for _ in train]
-    train_pairs = encode_pairs(tok, train, cfg.data, encoder)
-    val_pairs = encode_pairs(tok, val, cfg.data, encoder) if val else []
+        train_pairs = [train_pairs[rng.randrange(len(train_pairs))] for _ in train_pairs]
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     collate = pair_collator(cfg, tok.pad_token_id if tok.pad_token_id is not None else 0, encoder)
@@ -258,7 +270,7 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
     model.config.reward_mean, model.config.reward_std = mean, std  # read back by RewardModel (and PPO)
     save_model(model, tok, out, lora_save=cfg.lora.save)
     return {
-        "member": index, "seed": seed, "pairs": len(train_pairs), "val_pairs": len(val_pairs), "steps": result.steps,
+        "member": index, "seed": seed, "pairs": len(train_pairs), "val_pairs": len(val_pairs), **counts, "steps": result.steps,
         "trainable_parameters": trainable, "initial_val_accuracy": initial.get("val/accuracy"),
         "val_accuracy": final.get("val/accuracy"), "val_loss": final.get("val/loss"),
         "reward_mean": mean, "reward_std": std, "pairs_per_sec": result.units / max(result.seconds, 1e-9),
@@ -269,8 +281,12 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
 def run_rm(cfg: RewardConfig) -> dict:
     """Train the reward model (or ensemble) cfg.model on cfg.data; write cfg.out atomically; return a summary."""
     require(cfg, "model", "out", stage="rm")
-    require(cfg.data, "path", stage="rm (data)")
-    train, val = load_pairs(cfg.data, cfg.train.seed)
+    require(cfg.data, "path", stage="rm", group="data.")
+    check_out(cfg.out, stage="rm", kind="dir", overwrite=cfg.overwrite,
+              inputs={"model": cfg.model, "data.path": cfg.data.path, "data.val_path": cfg.data.val_path,
+                      "normalize.policy": cfg.normalize.policy, "normalize.prompts": cfg.normalize.prompts})
+    check_length(cfg.model, cfg.data.max_length, "data.max_length")
+    train, val, skipped = load_pairs(cfg.data, cfg.train.seed)
     train, dropped_annotators = filter_annotators(cfg, train)
     norm_samples = normalization_samples(cfg, train)
     with atomic_dir(cfg.out) as tmp:
@@ -281,8 +297,10 @@ def run_rm(cfg: RewardConfig) -> dict:
             write_json_atomic(tmp / ENSEMBLE_FILE, {"members": names, "bootstrap": cfg.bootstrap})
         accs = [m["val_accuracy"] for m in members if m["val_accuracy"] is not None]
         summary = {
-            "stage": "rm", "ensemble": cfg.ensemble, "pairs": len(train), "val_pairs": len(val),
-            "dropped_annotators": dropped_annotators,
+            # Pairs trained on (each member's count: a bootstrap resample has as many), after overlong ones were
+            # dropped; val_pairs likewise. rows: the training file's rows that reached encoding.
+            "stage": "rm", "ensemble": cfg.ensemble, "pairs": members[0]["pairs"], "val_pairs": members[0]["val_pairs"],
+            "rows": len(train), "skipped_rows": skipped, "dropped_annotators": dropped_annotators,
             "val_accuracy": sum(accs) / len(accs) if accs else None, "members": members,
             "seconds": sum(m["seconds"] for m in members), "config": to_dict(cfg),
         }

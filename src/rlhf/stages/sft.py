@@ -13,59 +13,72 @@ from pathlib import Path
 
 from rlhf.config import DataConfig, SFTConfig, require
 from rlhf.configlib import to_dict
-from rlhf.data.chat import Encoded, TooLong, encode_sft, pad_right
-from rlhf.data.io import SFTExample, load_sft
-from rlhf.fsutil import atomic_dir, write_json_atomic
-from rlhf.models.loading import apply_lora, load_causal_lm, save_model
+from rlhf.data.chat import Encoded, TooLong, count_control_rows, encode_sft, pad_right, report_control_rows
+from rlhf.data.io import DataError, SFTExample, load_sft
+from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
+from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.report.metrics import MetricsLogger
 from rlhf.training import evaluate_loss, fit, lm_loss, make_accelerator
 
 log = logging.getLogger("rlhf.sft")
 
 
-def encode_examples(tok, examples: list[SFTExample], data: DataConfig) -> list[Encoded]:
-    """Tokenize with the chat template and the truncation policy; report what was dropped."""
-    encoded, dropped = [], []
+def encode_examples(tok, examples: list[SFTExample], data: DataConfig) -> tuple[list[Encoded], dict[str, int]]:
+    """Tokenize with the chat template and the truncation policy; report (and count) what was cut or dropped."""
+    encoded, dropped, truncated = [], [], 0
     for ex in examples:
-        e = encode_sft(tok, ex.prompt, ex.completion, data.max_length, data.truncation)
+        e = encode_sft(tok, ex.prompt, ex.completion, data.max_length, data.truncation, turns=data.assistant_turns)
         if e is None:
             dropped.append(ex.source)
         else:
             encoded.append(e)
+            truncated += e.truncated
     if dropped:
         log.warning("dropped %d of %d samples with no response token left after %s truncation to %d tokens (first: %s)",
                     len(dropped), len(examples), data.truncation, data.max_length, ", ".join(dropped[:3]))
+    if truncated:
+        log.warning("%d of %d samples lost their oldest prompt tokens to fit data.max_length=%d", truncated, len(examples),
+                    data.max_length)
     if not encoded:
-        raise ValueError(f"no trainable samples left after truncation to data.max_length={data.max_length}")
-    return encoded
+        raise DataError(f"no trainable samples left after truncation to data.max_length={data.max_length}", path=data.path)
+    controls = count_control_rows(tok, ([m["content"] for m in ex.prompt] + [ex.completion] for ex in examples))
+    report_control_rows(tok, controls, len(examples))
+    return encoded, {"dropped_overlong": len(dropped), "truncated_prompts": truncated, "control_token_rows": controls}
 
 
-def load_split(tok, data: DataConfig, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
-    """Training and validation examples: from val_path, or a seeded val_fraction of the training file."""
+def load_split(tok, data: DataConfig, seed: int) -> tuple[list[SFTExample], list[SFTExample], int]:
+    """Training and validation examples: from val_path, or a seeded val_fraction of the training file; and how
+    many bad rows were skipped (data.on_error: skip)."""
 
-    def too_long(ex: SFTExample) -> str | None:  # only checked when truncation='error'
+    def too_long(ex: SFTExample) -> tuple[str, str] | None:  # only checked when truncation='error'
         try:
-            encode_sft(tok, ex.prompt, ex.completion, data.max_length, "error")
+            encode_sft(tok, ex.prompt, ex.completion, data.max_length, "error", turns=data.assistant_turns)
         except TooLong as e:
-            return str(e)
+            return e.field, str(e)
         return None
 
     check = too_long if data.truncation == "error" else None
-    train = list(load_sft(data.path, on_error=data.on_error, validate=check))
+    loaded = load_sft(data.path, on_error=data.on_error, validate=check)
+    train, skipped = list(loaded), len(loaded.skipped)
     if data.val_path:
-        return train, list(load_sft(data.val_path, on_error=data.on_error, validate=check))
+        val = load_sft(data.val_path, on_error=data.on_error, validate=check)
+        return train, list(val), skipped + len(val.skipped)
     random.Random(seed).shuffle(train)
     n_val = int(len(train) * data.val_fraction)
-    return train[n_val:], train[:n_val]
+    return train[n_val:], train[:n_val], skipped
 
 
 def run_sft(cfg: SFTConfig) -> dict:
     """Fine-tune cfg.model on cfg.data; write cfg.out atomically; return a summary."""
     require(cfg, "model", "out", stage="sft")
-    require(cfg.data, "path", stage="sft (data)")
+    require(cfg.data, "path", stage="sft", group="data.")
+    check_out(cfg.out, stage="sft", kind="dir", overwrite=cfg.overwrite,
+              inputs={"model": cfg.model, "data.path": cfg.data.path, "data.val_path": cfg.data.val_path})
+    check_length(cfg.model, cfg.data.max_length, "data.max_length")
     model, tok = load_causal_lm(cfg.model, cfg.load, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    train_ex, val_ex = load_split(tok, cfg.data, cfg.train.seed)
-    train, val = encode_examples(tok, train_ex, cfg.data), encode_examples(tok, val_ex, cfg.data) if val_ex else []
+    train_ex, val_ex, skipped = load_split(tok, cfg.data, cfg.train.seed)
+    train, counts = encode_examples(tok, train_ex, cfg.data)
+    val = encode_examples(tok, val_ex, cfg.data)[0] if val_ex else []
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
 
@@ -89,6 +102,7 @@ def run_sft(cfg: SFTConfig) -> dict:
             "val_loss": result.val_losses[-1] if result.val_losses else None,
             "best_val_loss": result.best_val_loss if result.val_losses else None,
             "stopped_early": result.stopped_early, "tokens_per_sec": result.tokens_per_sec,
+            "skipped_rows": skipped, **counts,
             "seconds": result.seconds, "config": to_dict(cfg),
         }
         write_json_atomic(Path(tmp) / "stage.json", summary)
