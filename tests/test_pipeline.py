@@ -201,8 +201,7 @@ def test_world_judge_command_prints_families(tmp_path, capsys):
         + json.dumps({"prompt": "What is 3 + 4?", "response": "3 + 4 = 9."}) + "\n"
     )
     assert main(["world", "judge", str(records), "--json"]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(capsys.readouterr().out)  # JSON alone: the table is not printed with --json
     assert summary["families"]["arithmetic"]["n"] == 2 and summary["accuracy"] == 0.5
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "Write me a poem about dust.", "response": "ok"}) + "\n")

@@ -128,6 +128,22 @@ def test_out_with_checkpoints_needs_resume(tiny_llama, flat_rm, prompt_file, tmp
         run_ppo(cfg)
 
 
+def test_resume_refuses_another_run_and_names_what_differs(tiny_llama, flat_rm, prompt_file, tmp_path):
+    out = tmp_path / "out"
+    run_ppo(ppo_config(tiny_llama, flat_rm, prompt_file, out, iterations=2))
+    other_prompts = tmp_path / "other.jsonl"
+    other_prompts.write_text(prompt_file.read_text().replace("Alice", "Bob"))
+    with pytest.raises(ConfigError, match=r"lr: 0\.001 -> 0\.002.*--resume_changed"):
+        run_ppo(ppo_config(tiny_llama, flat_rm, prompt_file, out, iterations=3, lr=2e-3, resume=True))
+    with pytest.raises(ConfigError, match=r"prompts: .*other\.jsonl \(other content\)"):
+        run_ppo(ppo_config(tiny_llama, flat_rm, other_prompts, out, iterations=3, resume=True))
+    assert not (out / "checkpoint-3").exists()
+    # More iterations of the same run continue; with --resume_changed a changed setting is accepted (and logged).
+    assert run_ppo(ppo_config(tiny_llama, flat_rm, prompt_file, out, iterations=3, resume=True))["iterations"] == 3
+    changed = ppo_config(tiny_llama, flat_rm, prompt_file, out, iterations=4, lr=2e-3, resume=True, resume_changed=True)
+    assert run_ppo(changed)["iterations"] == 4
+
+
 def _ppo_cmd(policy, rm, prompts, out, *extra) -> list[str]:
     return [sys.executable, "-m", "rlhf.cli", "ppo", "--policy", str(policy), "--reward_model", str(rm),
             "--prompts", str(prompts), "--out", str(out), "--iterations", "8", "--save_every", "2",

@@ -331,6 +331,8 @@ def test_encoder_reward_model(tmp_path, capsys):
 
     rm = RewardModel.load(out)
     assert rm.encoder
+    # The folder keeps the encoder's own tokenizer settings: no chat template of ours that it would not render.
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template is None
     model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     assert model.config.num_labels == 1 and type(model).__name__ == "BertForSequenceClassification"
     rows = val_rows[:3]

@@ -120,7 +120,11 @@ def _cmd_ppo(ns: argparse.Namespace) -> None:
 
 def _cmd_report(ns: argparse.Namespace) -> None:
     from rlhf.report.html import build_report
+    from rlhf.stages.pipeline import run_state
 
+    if not Path(ns.run_dir).is_dir() or run_state(Path(ns.run_dir)) is None:
+        raise ConfigError(f"{ns.run_dir} is not a run folder written by `rlhf run` (its config.json is missing or is not "
+                          "a pipeline config); nothing was written")
     print(build_report(ns.run_dir))
 
 

@@ -241,8 +241,8 @@ def check_out(
 def fingerprint(path: str | Path, *, whole_below: int = 64 << 20, sample: int = 1 << 16) -> str:
     """A digest of a file's or folder's content, cheap enough for model folders of many GB: files below
     ``whole_below`` bytes are hashed whole, larger ones by size and their first and last ``sample`` bytes
-    (training changes every weight, so a different model differs there). Names and sizes count; dates do not,
-    so a copied folder matches its original."""
+    (training changes every weight, so a different model differs there). Sizes and the names inside a
+    folder count; dates and the path itself do not, so a copy matches its original."""
     path = Path(path)
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
@@ -250,7 +250,7 @@ def fingerprint(path: str | Path, *, whole_below: int = 64 << 20, sample: int = 
         if f.name.startswith("."):  # our own markers and temporary files
             continue
         size = f.stat().st_size
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size}\n".encode())
+        h.update(f"{f.relative_to(path) if path.is_dir() else ''}:{size}\n".encode())
         with open(f, "rb") as fh:
             if size <= whole_below:
                 h.update(fh.read())

@@ -19,9 +19,9 @@ from rlhf.evaluation.alignment_tax import load_texts, perplexity, world_heldout_
 from rlhf.evaluation.diversity import Embedder, diversity_report
 from rlhf.fsutil import check_out, json_with_keys, write_json_atomic
 from rlhf.models.generation import Generation, eos_ids, generate, sample_responses
-from rlhf.models.loading import load_causal_lm
+from rlhf.models.loading import check_model_dir, load_causal_lm
 from rlhf.models.policy import gather_logprobs, response_hidden, response_logits
-from rlhf.models.reward import RewardModel
+from rlhf.models.reward import RewardModel, member_folders
 from rlhf.report.progress import progress_bar
 from rlhf.safety.constitution import resolve_constitution
 from rlhf.world import RATES, judge, parse_prompt, prompt_set, summarise
@@ -163,6 +163,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     check_out(cfg.out, stage="eval", kind="file", overwrite=cfg.overwrite, state=json_with_keys("model", "n_prompts"),
               inputs={"model": cfg.model, "against": cfg.against, "prompts": cfg.prompts,
                       "reward_model": cfg.reward_model, "perplexity_text": cfg.perplexity_text})
+    for folder in (cfg.model, cfg.against):  # a missing folder fails now, not after generating
+        if folder:
+            check_model_dir(folder)
+    if cfg.reward_model:
+        member_folders(cfg.reward_model)
     if cfg.constitution:
         resolve_constitution(cfg.constitution)  # a bad file fails now, not after generating
     prompts = eval_prompts(cfg)

@@ -649,7 +649,7 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
 
     require(cfg, "policy", "reward_model", "prompts", "out", stage="ppo")
     action = check_ppo_out(cfg)
-    check_length(cfg.policy, cfg.generation.max_new_tokens + 1, "generation.max_new_tokens")
+    check_length(cfg.policy, cfg.generation.max_new_tokens, "generation.max_new_tokens")
     if cfg.ptx_coef > 0:
         check_length(cfg.policy, cfg.ptx_max_length, "ptx_max_length")
     run = PPORun(cfg, [*components, *safety_components(cfg.safety)])
