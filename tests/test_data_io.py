@@ -459,3 +459,27 @@ def test_to_record_uses_trl_columns(tmp_path):
         "rejected": [{"role": "assistant", "content": "6"}],
         "margin": 1.0,
     }
+
+
+def test_text_no_tokenizer_can_encode_is_a_bad_row_that_skip_skips(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "ok", "completion": "fine"}\n{"prompt": "bad \\ud800", "completion": "x"}\n')
+    with pytest.raises(DataError, match=r"s\.jsonl:2: field 'prompt': holds a lone surrogate"):
+        load_sft(path)
+    result = load_sft(path, on_error="skip")
+    assert len(result) == 1 and "s.jsonl:2" in result.skipped[0]
+
+
+def test_json_and_csv_errors_name_the_file_and_line(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a", "completion": }\n]\n')
+    with pytest.raises(DataError, match=r"a\.json:3: invalid JSON: Expecting value \(column 33\)"):
+        load_sft(array)
+    latin = tmp_path / "l.csv"
+    latin.write_bytes(b"prompt,completion\nok,fine\n\"caf\xe9\",x\n")
+    with pytest.raises(DataError, match=r"l\.csv:3: not valid UTF-8"):
+        load_sft(latin)
+    nul = tmp_path / "n.csv"
+    nul.write_text('prompt,completion\n"unclosed,x\n')
+    with pytest.raises(DataError, match=r"n\.csv:"):
+        load_sft(nul)

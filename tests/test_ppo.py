@@ -167,6 +167,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_llama, flat_r
     resumed = subprocess.run(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "b", "--resume"), env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert not list((tmp_path / "b").glob(".*.tmp-*"))  # whatever the kill left half-written was cleaned up
     a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 9))
     for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/loss", "val/loss"):

@@ -287,3 +287,21 @@ def test_reward_model_pair_counts_agree_with_its_members(user_dir, tmp_path):
     summary = json.loads((tmp_path / "rm" / "stage.json").read_text())
     assert summary["pairs"] == 10 and all(m["pairs"] == 10 and m["dropped_overlong"] == 1 for m in summary["members"])
     assert summary["rows"] == 11
+
+
+def test_encoder_reward_model_whose_tokenizer_adds_no_separators_is_warned_about(tmp_path, caplog):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import make_tokenizer
+    from rlhf.models.reward import encode_for_reward
+
+    tok = make_tokenizer(gpt2_like=True)  # a byte-level BPE: no [CLS]/[SEP] for a sentence pair
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=1)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model, loaded = load_reward_backbone(tmp_path)
+    assert "adds no separators" in caplog.text
+    ids = encode_for_reward(loaded, [{"role": "user", "content": W}], "5.", 64, encoder=True)
+    assert loaded.decode(ids) == f"{W}\n5."  # kept apart by a newline at least
+    assert not loaded.chat_template  # an encoder's folder gets no chat template of ours

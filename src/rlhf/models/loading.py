@@ -56,11 +56,12 @@ def read_json_file(path: Path) -> dict:
     return data
 
 
-def adapter_base(path: Path) -> Path | None:
-    """The base model folder of a LoRA adapter folder (one with adapter_config.json and no config.json).
+def adapter_base(path: Path) -> Path | str | None:
+    """The base model of a LoRA adapter folder (one with adapter_config.json and no config.json).
 
     The recorded path is used as it is when it exists (absolute, or relative to the working directory),
-    else relative to the adapter folder, so an adapter saved next to its base loads from anywhere."""
+    else relative to the adapter folder, so an adapter saved next to its base loads from anywhere; a name
+    that is no folder here (a Hub id) is passed on to transformers as it is."""
     if (path / "config.json").is_file() or not (path / "adapter_config.json").is_file():
         return None
     base = read_json_file(path / "adapter_config.json").get("base_model_name_or_path")
@@ -69,20 +70,21 @@ def adapter_base(path: Path) -> Path | None:
     for candidate in (Path(base), path / base):
         if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
             return candidate
-    raise ConfigError(f"{path / 'adapter_config.json'}: its base model {base!r} is not a model folder here "
-                      "(adapters load from the base model folder they were trained on)")
+    return base
 
 
-def model_config(path: str | Path) -> dict:
-    """config.json of a model folder (of the base model for an adapter folder), read as plain JSON: no code runs."""
+def model_config(path: str | Path) -> dict | None:
+    """config.json of a model folder (of the base model for an adapter folder), read as plain JSON: no code
+    runs. None when the base is not a folder here."""
     path = Path(path)
     base = adapter_base(path)
-    return read_json_file((base or path) / "config.json")
+    folder = path if base is None else base
+    return read_json_file(folder / "config.json") if isinstance(folder, Path) else None
 
 
 def max_positions(path: str | Path) -> int | None:
     """The longest sequence a model folder was built for (max_position_embeddings, GPT-2's n_positions, ...)."""
-    cfg = model_config(path)
+    cfg = model_config(path) or {}
     for section in (cfg, cfg.get("text_config") or {}):
         for key in POSITION_KEYS:
             if isinstance(section.get(key), int) and section[key] > 0:
@@ -120,6 +122,8 @@ def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
 
 
 def _note_pickles(path: Path) -> None:
+    if not path.is_dir():
+        return
     files = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if files and not any(path.glob("*.safetensors")):
         log.warning("%s holds pickled weights only (%s); safetensors is preferred. They are read with "
@@ -127,8 +131,8 @@ def _note_pickles(path: Path) -> None:
 
 
 def from_pretrained(auto_cls, path: str | Path, load: ModelLoadConfig, **kwargs) -> PreTrainedModel:
-    """``auto_cls.from_pretrained`` on a local folder, with rlhf errors for custom code, unsafe pickles and
-    broken folders."""
+    """``auto_cls.from_pretrained`` on a local folder (or an adapter's base by name), with rlhf errors for
+    custom code, unsafe pickles and broken folders."""
     path = Path(path)
     _check_remote_code(path, load.trust_remote_code)
     _note_pickles(path)
@@ -194,11 +198,11 @@ def load_causal_lm(
     load = load or ModelLoadConfig()
     path = check_model_dir(path)
     base = adapter_base(path)
-    tok = load_tokenizer(path if (path / "tokenizer_config.json").is_file() or base is None else base, load)
+    tok = load_tokenizer(path if (path / "tokenizer_config.json").is_file() or base is None else str(base), load)
     if base is not None:
         from peft import PeftModel
 
-        model = from_pretrained(AutoModelForCausalLM, base, load)
+        model = from_pretrained(AutoModelForCausalLM, str(base), load)
         if len(tok) > model.get_input_embeddings().weight.shape[0]:  # the adapter was trained with an added pad token
             model.resize_token_embeddings(len(tok), mean_resizing=False)
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()

@@ -561,6 +561,8 @@ def check_ppo_out(cfg: PPOConfig) -> str:
     action = check_out(cfg.out, stage="ppo", kind="dir", inputs=inputs, state=ppo_state, overwrite=cfg.overwrite,
                        resume=cfg.resume)
     if action == "resume":
+        if not checkpoints(Path(cfg.out)):
+            raise ConfigError(f"ppo: --resume: {cfg.out} holds no checkpoint to continue from; pass --overwrite to start again")
         last = max(checkpoints(Path(cfg.out)), key=checkpoint_step)
         saved = json.loads((last / "state.json").read_text())
         if "config" not in saved:
