@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import EvalConfig, GenerationConfig, ModelLoadConfig, require
-from rlhf.data.chat import encode_prompt
+from rlhf.data.chat import count_control_rows, encode_prompt, report_control_rows
 from rlhf.data.io import load_prompts, write_jsonl_atomic
 from rlhf.evaluation.alignment_tax import load_texts, perplexity, world_heldout_text
 from rlhf.evaluation.diversity import Embedder, diversity_report
@@ -41,6 +41,7 @@ def eval_prompts(cfg: EvalConfig) -> list[dict]:
 def run_policy(model_dir: str, prompts: Sequence[dict], cfg: EvalConfig, desc: str) -> tuple[list[Generation], dict]:
     """Responses of one model to the prompts, and its capability figures that need the model itself."""
     model, tok = load_causal_lm(model_dir, cfg.load)
+    report_control_rows(tok, count_control_rows(tok, ([m["content"] for m in p["prompt"]] for p in prompts)), len(prompts))
     processor = None
     if cfg.steer:
         from transformers import LogitsProcessorList

@@ -52,7 +52,7 @@ from rlhf.algos.ppo import (
 )
 from rlhf.config import PPOConfig, require
 from rlhf.configlib import ConfigError, to_dict
-from rlhf.data.chat import Encoded, encode_prompt, encode_sft, encode_text, pad_right
+from rlhf.data.chat import Encoded, count_control_rows, encode_prompt, encode_sft, encode_text, pad_right, report_control_rows
 from rlhf.data.io import load_prompts, load_records, load_sft
 from rlhf.fsutil import (atomic_dir, check_out, fingerprint, mark_stage, marked, remove_output, stage_done,
                          write_json_atomic)
@@ -209,6 +209,7 @@ def load_prompt_stream(cfg: PPOConfig, tok) -> tuple[PromptStream, bool]:
         messages += [a.messages for a in attacks]
         texts += [a.case.prompt for a in attacks]
         log.info("PPO prompts: %d, of which %d red-team attacks (training wordings)", len(messages), len(attacks))
+    report_control_rows(tok, count_control_rows(tok, ([m["content"] for m in msgs] for msgs in messages)), len(messages))
     encoded = [encode_prompt(tok, m) for m in messages]
     return PromptStream(encoded, messages, cfg.seed, texts), world
 
