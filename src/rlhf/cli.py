@@ -48,11 +48,11 @@ def _cmd_world(ns: argparse.Namespace) -> None:
     if getattr(ns, "world_cmd", None) == "judge":
         _cmd_judge(ns)
         return
-    from rlhf.fsutil import atomic_dir, check_out
+    from rlhf.fsutil import atomic_dir, check_out, holding
 
     cfg = build_config(WorldConfig, ns, section="world", whole=RunConfig)
     check_out(ns.out, stage="world", kind="dir", overwrite=ns.overwrite,
-              state=lambda p: "finished" if (p / "world.json").is_file() else None)
+              state=holding("world.json"))
     with atomic_dir(ns.out) as tmp:
         paths = write_world(tmp, seed=cfg.seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft, n_sft_val=cfg.n_sft_val,
                             n_prompts_train=cfg.n_prompts_train, n_prompts_heldout=cfg.n_prompts_heldout)

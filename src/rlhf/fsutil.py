@@ -171,6 +171,11 @@ def json_with_keys(*keys: str) -> Callable[[Path], Literal["finished"] | None]:
     return state
 
 
+def holding(name: str) -> Callable[[Path], Literal["finished"] | None]:
+    """A ``state`` for check_out: a folder with the file ``name`` (say world.json) is the stage's own output."""
+    return lambda path: "finished" if (path / name).is_file() else None
+
+
 OutAction = Literal["new", "replace", "resume"]
 OutState = Literal["finished", "resumable", "partial"]
 

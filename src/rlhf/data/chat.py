@@ -48,14 +48,25 @@ def control_tokens(tok: PreTrainedTokenizerBase) -> tuple[str, ...]:
     return tuple(sorted(found, key=len, reverse=True))
 
 
+def _control_pattern(tok: PreTrainedTokenizerBase) -> re.Pattern | None:
+    """One regex over the control-token strings (Llama-3 has 256), kept on the tokenizer until its
+    vocabulary grows (a pad token added)."""
+    cached = getattr(tok, "_rlhf_control_pattern", None)
+    if cached is None or cached[0] != len(tok):
+        specials = control_tokens(tok)
+        cached = (len(tok), re.compile("|".join(re.escape(t) for t in specials)) if specials else None)
+        tok._rlhf_control_pattern = cached
+    return cached[1]
+
+
 def specials_as_text(tok: PreTrainedTokenizerBase) -> bool:
     return getattr(tok, SPECIALS_ATTR, "text") == "text"
 
 
 def has_control_text(tok: PreTrainedTokenizerBase, texts: Iterable[str]) -> bool:
     """Any of the texts holds a control token's string."""
-    specials = control_tokens(tok)
-    return any(s in t for t in texts for s in specials)
+    pattern = _control_pattern(tok)
+    return pattern is not None and any(pattern.search(t) for t in texts)
 
 
 def count_control_rows(tok: PreTrainedTokenizerBase, rows: Iterable[Iterable[str]]) -> int:
@@ -75,12 +86,9 @@ def report_control_rows(tok: PreTrainedTokenizerBase, n: int, total: int) -> Non
 def _shield(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> tuple[list[Message], list[str]]:
     """Messages with each control-token string in their content swapped for a placeholder, and the strings."""
     originals: list[str] = []
-    if not specials_as_text(tok):
+    if not specials_as_text(tok) or not has_control_text(tok, (m["content"] for m in messages)):
         return [dict(m) for m in messages], originals
-    specials = control_tokens(tok)
-    if not specials or not has_control_text(tok, (m["content"] for m in messages)):
-        return [dict(m) for m in messages], originals
-    pattern = re.compile("|".join(re.escape(s) for s in specials))
+    pattern = _control_pattern(tok)
 
     def swap(match: re.Match) -> str:
         originals.append(match.group(0))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rlhf.data.io import PreferenceExample, SFTExample, to_record, write_jsonl_atomic
 from rlhf.feedback.store import Store
-from rlhf.fsutil import atomic_dir, check_out
+from rlhf.fsutil import atomic_dir, check_out, holding
 
 log = logging.getLogger("rlhf.annotate")
 
@@ -133,7 +133,7 @@ def check_export_paths(out: str | None, sft: str | None, dataset: str | None, ov
                   overwrite=overwrite, flag="--sft")
     if dataset:
         check_out(dataset, stage="annotate export", kind="dir", overwrite=overwrite, flag="--dataset",
-                  state=lambda p: "finished" if (p / "dataset_info.json").is_file() else None)
+                  state=holding("dataset_info.json"))
 
 
 def export(store: Store, *, out: str | None = None, sft: str | None = None, dataset: str | None = None,

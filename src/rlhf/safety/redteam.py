@@ -273,14 +273,14 @@ def run_redteam(cfg) -> dict:
     """Attack cfg.model (and cfg.against) and write OUT/redteam.json and OUT/redteam.samples.jsonl."""
     from rlhf.config import require
     from rlhf.data.io import write_jsonl_atomic
-    from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
+    from rlhf.fsutil import atomic_dir, check_out, holding, write_json_atomic
     from rlhf.safety.constitution import resolve_constitution
 
     require(cfg, "model", "out", stage="redteam")
     files = {"model": cfg.model, "against": cfg.against, "cases": cfg.cases,
              "constitution": cfg.constitution if cfg.constitution and Path(cfg.constitution).is_file() else None}
     check_out(cfg.out, stage="redteam", kind="dir", inputs=files, overwrite=cfg.overwrite,
-              state=lambda p: "finished" if (p / "redteam.json").is_file() else None)
+              state=holding("redteam.json"))
     constitution = resolve_constitution(cfg.constitution) if cfg.constitution else None
     if cfg.steer and constitution is None:
         raise ConfigError("redteam.steer needs redteam.constitution")
