@@ -20,7 +20,7 @@ from rlhf.configlib import ConfigError, from_dict
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.reward import load_reward_backbone
 from rlhf.report.metrics import read_metrics
-from rlhf.models.policy import response_hidden
+from rlhf.models.policy import response_logits
 from rlhf.stages.ppo import PPORun, RewardComponent, run_ppo
 
 PROMPTS = ["What is 3 + 4?", "Hello, Alice!", "List 3 fruits.", "The capital of France is", "A spider has"]
@@ -90,7 +90,9 @@ def test_ppo_raises_a_programmatic_reward_and_changes_the_weights(tiny_llama, fl
                 "response/length", "response/eos_rate", "time/rollout", "time/update", "lr"):
         assert key in rows[-1], key
     reward = [r["reward/lowercase"] for r in rows]
-    assert sum(reward[-4:]) / 4 > sum(reward[:4]) / 4 + 0.15
+    # One iteration's share of lowercase words varies by about 0.04 (16 samples), so a mean over 4 iterations
+    # by about 0.02 and the difference of two such means by about 0.03: a rise of 0.08 is well past noise.
+    assert sum(reward[-4:]) / 4 > sum(reward[:4]) / 4 + 0.08
     assert rows[-1]["objective/kl"] > 0
     before = load_file(str(tiny_llama / "model.safetensors"))
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -114,9 +116,9 @@ def test_lora_ppo_keeps_base_weights_and_has_no_reference_copy(tiny_llama, flat_
     initial, _ = load_causal_lm(tiny_llama)
     ids, mask, p = ro.input_ids, ro.attention_mask, ro.n_prompt
     with torch.no_grad():
-        want = response_hidden(initial, ids, mask, p)
-        _, ref = run.m.reference_hidden(ids, mask, p)
-        now = response_hidden(run.m.policy, ids, mask, p)
+        want = response_logits(initial, ids, mask, p, 1.0)[0]
+        ref = run.m.reference_logits(ids, mask, p, 1.0)
+        now = response_logits(run.m.policy, ids, mask, p, 1.0)[0]
     assert torch.allclose(ref, want, atol=1e-5)
     assert not torch.allclose(now, want, atol=1e-3)
 

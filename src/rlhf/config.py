@@ -157,8 +157,9 @@ class ModelLoadConfig:
     """Weight dtype at load time (training keeps fp32 master weights unless you choose otherwise)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model folder. Off unless you trust the source."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """Attention kernel: 'auto' lets transformers choose for the model (sdpa where the model supports it, eager
+    for Gemma-2's softcapped attention); flash_attention_2 needs the flash-attn package and a GPU."""
     special_tokens_in_text: Literal["text", "control"] = "text"
     """The tokenizer's control tokens (<|im_end|>, <|im_start|>, the pad token...) written inside a prompt or a
     response: 'text' encodes them as plain text, so user text cannot forge a turn or train a pad or EOS inside
@@ -470,6 +471,9 @@ class RewardLossConfig:
     def validate(self) -> None:
         if self.margin_weight < 0 or self.center_coef < 0:
             raise ConfigError("loss.margin_weight and loss.center_coef must be >= 0")
+        if self.use_data_margin and not self.margin_weight:
+            raise ConfigError("loss.use_data_margin: the data's margins enter the hinge term only, which is off "
+                              "(loss.margin_weight is 0); set loss.margin_weight > 0 too")
 
 
 @dataclass
@@ -573,8 +577,9 @@ class KLConfig:
     horizon: int = 10000
     """Controller horizon in samples: how fast beta moves (beta *= 1 + error * batch / horizon per iteration)."""
     estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward: k1 = log p - log p_ref (unbiased, the standard), k2 = (k1)^2 / 2,
-    k3 = (ratio - 1) - log ratio with ratio = p_ref / p (unbiased and never negative; Schulman 2020)."""
+    """Per-token KL estimator: k1 = log p - log p_ref (unbiased, the standard), k2 = (k1)^2 / 2, k3 = (ratio - 1)
+    - log ratio with ratio = p_ref / p (Schulman 2020). PPO puts KL in the reward, where only k1 is right; k2
+    and k3 belong in a loss term."""
 
     def validate(self) -> None:
         if self.coef < 0 or self.target <= 0 or self.horizon < 1:
@@ -671,6 +676,18 @@ class PPOConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
 
+    def _refuse_off_policy_settings(self) -> None:
+        """Settings that make PPO's ratios or rewards wrong, refused at parse time rather than trained with."""
+        if self.generation.top_p < 1:
+            raise ConfigError(f"ppo.generation.top_p: must be 1 in PPO (got {self.generation.top_p}): log-probs and KL "
+                              "come from the full softmax(logits / T), not from the nucleus the tokens would be drawn from")
+        if self.kl.estimator != "k1":
+            raise ConfigError(f"ppo.kl.estimator: only k1 (log p - log p_ref) is an unbiased per-token KL in the reward "
+                              f"(got {self.kl.estimator!r}); k3 belongs in a loss term, which the critic-free algorithms use")
+        if self.lora.enabled and self.lora.dropout > 0:
+            raise ConfigError(f"ppo.lora.dropout: must be 0 in PPO (got {self.lora.dropout}): dropout makes every forward "
+                              "pass of the same tokens differ, so the ratio to the rollout's log-probs is noise")
+
     def validate(self) -> None:
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "log_every", "ptx_batch_size"):
             if getattr(self, name) < 1:
@@ -680,6 +697,7 @@ class PPOConfig:
                                     "max_grad_norm", "reward_clip", "ensemble_penalty", "ptx_coef", "save_every"))
         if self.ptx_max_length < 2:
             raise ConfigError(f"ppo.ptx_max_length: must be >= 2, got {self.ptx_max_length}")
+        self._refuse_off_policy_settings()
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
                               f"({self.mini_batch_size})")

@@ -38,6 +38,7 @@ log = logging.getLogger("rlhf.data")
 
 Message = dict
 SPECIALS_ATTR = "rlhf_special_tokens_in_text"  # set by rlhf.models.loading.load_tokenizer from load.special_tokens_in_text
+STOPS_ATTR = "rlhf_stop_ids"  # set by rlhf.models.loading: the tokenizer's EOS and the model's generation EOS ids
 _PLACEHOLDER = re.compile("\ue000([\ue100-\uf8ff])\ue000")  # private-use characters: no template or tokenizer special
 
 
@@ -145,8 +146,8 @@ def conversation_segments(tok: PreTrainedTokenizerBase, messages: Sequence[Messa
     last = len(shielded) - 1
     prompt_text = _render(tok, shielded[:last], add_generation_prompt=True)
     if not full.startswith(prompt_text):  # plain continuation instead
-        return [(_encode(tok, prompt_text, originals), False),
-                (_encode(tok, shielded[last]["content"], originals) + _eos(tok), True)]
+        return _end_at_first_stop([(_encode(tok, prompt_text, originals), False),
+                                   (_encode(tok, shielded[last]["content"], originals), True)], tok)
     cuts, pos = [], 0
     earlier = [i for i, m in enumerate(shielded[:last]) if m["role"] == "assistant"] if turns == "all" else []
     for i in earlier:
@@ -161,14 +162,37 @@ def conversation_segments(tok: PreTrainedTokenizerBase, messages: Sequence[Messa
             segments.append((_encode(tok, full[pos:start], originals), False))
         segments.append((_encode(tok, full[start:end], originals), True))
         pos = end
-    ids, _ = segments[-1]
-    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)  # the model must learn to stop
-    return segments
+    return _end_at_first_stop(segments, tok)
 
 
 def _eos(tok: PreTrainedTokenizerBase) -> list[int]:
     return [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+
+def stop_ids(tok: PreTrainedTokenizerBase) -> set[int]:
+    """Every token that ends a response: the tokenizer's EOS and (when the model is known) its generation EOS ids."""
+    return set(getattr(tok, STOPS_ATTR, None) or _eos(tok))
+
+
+def _end_at_first_stop(segments: list[tuple[list[int], bool]], tok: PreTrainedTokenizerBase) -> list[tuple[list[int], bool]]:
+    """One rule for the end of a response everywhere: an assistant turn ends with its first stop token.
+
+    What a template writes after it (ChatML's newline after <|im_end|>) is context for a later turn, and
+    after the final turn it is dropped: generation stops at the first stop token, and the reward model is
+    read there. A turn without a stop token gets the tokenizer's EOS, so that the model learns to stop."""
+    stops, out = stop_ids(tok), []
+    for k, (ids, trained) in enumerate(segments):
+        if not trained:
+            out.append((ids, trained))
+            continue
+        end = next((i for i, t in enumerate(ids) if t in stops), None)
+        if end is None:
+            out.append((ids + _eos(tok) if k == len(segments) - 1 else ids, True))
+            continue
+        out.append((ids[: end + 1], True))
+        if ids[end + 1 :] and k < len(segments) - 1:
+            out.append((ids[end + 1 :], False))
+    return out
 
 
 def split_prompt_response(tok: PreTrainedTokenizerBase, prompt: Sequence[Message], completion: str) -> tuple[list[int], list[int]]:

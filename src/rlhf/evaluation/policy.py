@@ -7,6 +7,7 @@ are greedy by default, so two runs on the same model give the same figures.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rlhf.evaluation.diversity import Embedder, diversity_report
 from rlhf.fsutil import check_out, json_with_keys, write_json_atomic
 from rlhf.models.generation import Generation, eos_ids, generate, sample_responses
 from rlhf.models.loading import check_model_dir, load_causal_lm
-from rlhf.models.policy import gather_logprobs, response_hidden, response_logits
+from rlhf.models.policy import gather_logprobs, response_logits
 from rlhf.models.reward import RewardModel, member_folders
 from rlhf.report.progress import progress_bar
 from rlhf.safety.constitution import resolve_constitution
@@ -67,9 +68,13 @@ def response_metrics(prompts: Sequence[dict], gens: Sequence[Generation], cfg: E
     if cfg.constitution:
         out["constitution"] = resolve_constitution(cfg.constitution).summarise([p["prompt"][-1]["content"] for p in prompts], texts)
     rewards = None
-    if rm is not None:
-        rewards = rm.score([p["prompt"] for p in prompts], texts, normalize=rm.normalized).tolist()
-        out["rm_reward"] = sum(rewards) / len(rewards)
+    if rm is not None:  # None where the response alone is longer than the reward model's context
+        rewards = [None if math.isnan(r) else r for r in rm.score([p["prompt"] for p in prompts], texts,
+                                                                  normalize=rm.normalized).tolist()]
+        scored = [r for r in rewards if r is not None]
+        out["rm_reward"] = sum(scored) / len(scored) if scored else None
+        if len(scored) < len(rewards):
+            out["rm_unscored"] = len(rewards) - len(scored)
     return out, rewards
 
 
@@ -213,8 +218,9 @@ def compare_against(cfg: EvalConfig, prompts, tasks, rm, result: dict, samples: 
         result["win_rate"] = win_rate(ours, theirs)
         result["intervals"]["win_rate"] = mean_interval(win_outcomes(ours, theirs))
     other_figures, other_rewards = response_metrics(prompts, other_gens, cfg, rm)
-    if rewards is not None:
-        outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, other_rewards)]
+    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards or [], other_rewards or [])
+                if a is not None and b is not None]
+    if outcomes:
         result["rm_win_rate"] = sum(outcomes) / len(outcomes)
         result["intervals"]["rm_win_rate"] = mean_interval(outcomes)
     result["against"] = {"model": str(cfg.against), **other_metrics, **other_capability,
@@ -237,8 +243,8 @@ def redteam_summary(cfg: EvalConfig) -> dict:
 
 def response_logprobs(model, sampled, temperature: float) -> torch.Tensor:
     """log p of each sampled response token under ``model``: (B, A), 0 on padding."""
-    hidden = response_hidden(model, sampled.input_ids, sampled.attention_mask, sampled.n_prompt)  # (B, A, H)
-    return gather_logprobs(response_logits(model, hidden, temperature), sampled.responses) * sampled.mask
+    logits, _ = response_logits(model, sampled.input_ids, sampled.attention_mask, sampled.n_prompt, temperature)  # (B, A, V)
+    return gather_logprobs(logits, sampled.responses) * sampled.mask
 
 
 @torch.no_grad()

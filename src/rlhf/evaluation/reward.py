@@ -116,6 +116,16 @@ def evaluate_reward_model(rm: RewardModel, pairs: Sequence[PreferenceExample], *
     if not pairs:
         raise ValueError("no preference pairs to evaluate")
     chosen, rejected, scored = score_pairs(rm, pairs, batch_size, max_length)
+    keep = [k for k in range(len(pairs)) if chosen[:, k].isfinite().all() and rejected[:, k].isfinite().all()]
+    if len(keep) < len(pairs):  # a response that alone is longer than max_length cannot be scored
+        log.warning("%d of %d pairs have a response longer than max_length=%d: left out", len(pairs) - len(keep),
+                    len(pairs), max_length)
+        pairs, chosen, rejected = [pairs[k] for k in keep], chosen[:, keep], rejected[:, keep]
+        finite = scored["rewards"].isfinite().all(0)
+        scored = {"rewards": scored["rewards"][:, finite],
+                  "responses": [t for t, f in zip(scored["responses"], finite.tolist()) if f]}
+    if not pairs:
+        raise ValueError(f"no pair fits max_length={max_length}")
     rc, rr = chosen.mean(0), rejected.mean(0)  # (N,)
     right = (rc > rr).float() + 0.5 * (rc == rr).float()  # (N,)
     gold = _gold_agreement(pairs, rc, rr)

@@ -6,10 +6,12 @@ rendering and the same end-of-response rule.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
@@ -97,14 +99,31 @@ def generate_kwargs(cfg: GenerationConfig, logits_processor=None) -> dict:
     return dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, logits_processor=logits_processor)
 
 
+@contextlib.contextmanager
+def only_our_settings(model: PreTrainedModel, tok: PreTrainedTokenizerBase, stop: set[int]):
+    """Generate with exactly the settings our config names. transformers fills every setting a call leaves
+    unset from ``model.generation_config``: a folder's repetition_penalty, top_k, min_p, no_repeat_ngram_size,
+    bad words or forced tokens would reshape what is drawn, while log-probs and KL are computed from plain
+    ``softmax(logits / T)``. For the call, the model's generation config holds the stop and pad ids only;
+    the folder's own is put back after (and saved with the model, for other tools)."""
+    saved = model.generation_config
+    model.generation_config = HFGenerationConfig(eos_token_id=sorted(stop), pad_token_id=tok.pad_token_id,
+                                                 bos_token_id=saved.bos_token_id if saved is not None else None)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def sample_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, batch: dict[str, torch.Tensor],
                  cfg: GenerationConfig, stop: set[int], logits_processor=None) -> torch.Tensor:
     """Responses (B, A) to left-padded prompts (B, P): KV cache on, sequences that stopped padded with pad."""
-    out = model.generate(
-        **batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop),
-        use_cache=True, **generate_kwargs(cfg, logits_processor),
-    )  # (B, P + A)
+    with only_our_settings(model, tok, stop):
+        out = model.generate(
+            **batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop),
+            use_cache=True, **generate_kwargs(cfg, logits_processor),
+        )  # (B, P + A)
     return out[:, batch["input_ids"].shape[1]:]
 
 

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from rlhf.config import LoraConfig, ModelLoadConfig
 from rlhf.configlib import ConfigError
-from rlhf.data.chat import SPECIALS_ATTR
+from rlhf.data.chat import SPECIALS_ATTR, STOPS_ATTR
+from rlhf.models.generation import eos_ids
 from rlhf.models.tokenizer import CHAT_TEMPLATE, PAD
 
 log = logging.getLogger("rlhf.models")
@@ -82,6 +83,16 @@ def model_config(path: str | Path) -> dict | None:
     return read_json_file(folder / "config.json") if isinstance(folder, Path) else None
 
 
+def folder_stop_ids(path: str | Path, tok: PreTrainedTokenizerBase) -> list[int]:
+    """The stop tokens of a model folder read without its causal LM (a reward model's backbone): the
+    tokenizer's EOS and the EOS ids of the folder's generation_config.json."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = Path(path) / "generation_config.json"
+    eos = read_json_file(gen).get("eos_token_id") if gen.is_file() else None
+    ids |= set(eos) if isinstance(eos, list) else {eos} if isinstance(eos, int) else set()
+    return sorted(ids)
+
+
 def max_positions(path: str | Path) -> int | None:
     """The longest sequence a model folder was built for (max_position_embeddings, GPT-2's n_positions, ...)."""
     cfg = model_config(path) or {}
@@ -136,9 +147,11 @@ def from_pretrained(auto_cls, path: str | Path, load: ModelLoadConfig, **kwargs)
     path = Path(path)
     _check_remote_code(path, load.trust_remote_code)
     _note_pickles(path)
+    if load.attn_implementation != "auto":
+        kwargs["attn_implementation"] = load.attn_implementation
     try:
         return auto_cls.from_pretrained(str(path), dtype=DTYPES[load.dtype], trust_remote_code=load.trust_remote_code,
-                                        attn_implementation=load.attn_implementation, **kwargs)
+                                        **kwargs)
     except pickle.UnpicklingError as e:
         reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
         raise ConfigError(f"{path}: refused to load its pickled weights, which hold more than plain tensors "
@@ -170,12 +183,34 @@ def load_tokenizer(path: str | Path, load: ModelLoadConfig | None = None, *, tem
     return tok
 
 
+# Tokens that families reserve for padding, or leave unused, in order of preference (Llama-3's
+# <|finetune_right_pad_id|>, Qwen's <|endoftext|> where <|im_end|> is EOS, a reserved special token).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<|reserved_special_token_0|>")
+
+
+def reserved_pad(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> str | None:
+    """A pad-like token the vocabulary already has (not EOS, not a stop token, inside the embeddings)."""
+    stop = {tok.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    vocab, rows = tok.get_vocab(), model.get_input_embeddings().weight.shape[0]
+    for name in PAD_CANDIDATES:
+        i = vocab.get(name)
+        if i is not None and i not in stop and i < rows:
+            return name
+    return None
+
+
 def ensure_pad_token(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
-    """Give the tokenizer a pad token distinct from EOS, growing the embeddings if it is new."""
+    """Give the tokenizer a pad token distinct from EOS: one the vocabulary reserves for it if there is one
+    (no new embedding row, so the folder stays loadable by its original code), else a new ``<|pad|>``."""
     if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
         model.config.pad_token_id = tok.pad_token_id
         return
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+    found = reserved_pad(model, tok)
+    if found is not None:
+        tok.pad_token = found
+    else:
         tok.add_special_tokens({"pad_token": PAD})
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=True)
@@ -209,6 +244,7 @@ def load_causal_lm(
     else:
         model = from_pretrained(AutoModelForCausalLM, path, load)
     ensure_pad_token(model, tok)
+    setattr(tok, STOPS_ATTR, sorted(eos_ids(model, tok)))  # where a response ends, for encoding as for generation
     # The tiny models here do not need dropout; users who want it can set it in the model config.
     disable_dropout(model)
     if gradient_checkpointing:

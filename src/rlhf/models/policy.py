@@ -1,11 +1,16 @@
 """The policy's forward pass over the response part of a (prompt, response) batch.
 
 Shared by PPO (rollout and update) and the evaluation of KL to the reference, so that both read
-log-probs the same way. Shapes: B samples, P prompt tokens (left-padded), A response tokens
-(right-padded), T = P + A, V vocabulary, H hidden size.
+log-probs the same way. The logits come from the causal LM's own forward (``logits_to_keep`` the
+response slice), so every model-specific transform of the logits (Gemma-2's final_logit_softcapping,
+Cohere's logit_scale, Granite's logits_scaling) is applied: what is scored is what was sampled.
+Shapes: B samples, P prompt tokens (left-padded), A response tokens (right-padded), T = P + A,
+V vocabulary, H hidden size.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -17,6 +22,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer body (without a head) of a causal LM or sequence classifier."""
+    base = unwrap(model)
+    return getattr(base, base.base_model_prefix)
+
+
 def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int
                     ) -> torch.Tensor:
     """Final hidden states of the states that predict each response token: (B, T) -> (B, A, H).
@@ -24,16 +35,40 @@ def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     Position P - 1 + a holds the state before response token a. Positions come from the mask, the
     same positions generation used for the left-padded prompt.
     """
-    base = unwrap(model)
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state  # (B, T, H)
-    return hidden[:, n_prompt - 1 : -1]
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return hidden[:, n_prompt - 1 : -1]  # (B, A, H)
 
 
-def response_logits(model: torch.nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Next-token logits (B, A, V) in fp32 at the sampling temperature: the distribution tokens were drawn from."""
-    return unwrap(model).get_output_embeddings()(hidden).float() / temperature
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+
+
+def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
+                    temperature: float, *, with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token logits (B, A, V) of the response tokens in fp32 at the sampling temperature, from the causal
+    LM's own forward: the distribution tokens were drawn from. With ``with_hidden``, also the final hidden
+    states (B, A, H) of the same positions (for a value head on the policy), read off the backbone's output.
+    """
+    n_response = input_ids.shape[1] - n_prompt
+    captured: dict[str, torch.Tensor] = {}
+    hook = None
+    if with_hidden:
+        def keep(_module, _args, output):
+            captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        hook = backbone(model).register_forward_hook(keep)
+    # logits_to_keep=A + 1: positions P - 1 ... T - 1; the last one predicts past the response and is dropped.
+    keep_arg = {"logits_to_keep": n_response + 1} if _keeps_logits(model) else {}
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                    use_cache=False, **keep_arg)
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = out.logits[:, -(n_response + 1) : -1].float() / temperature  # (B, A, V)
+    hidden = captured["hidden"][:, n_prompt - 1 : -1] if with_hidden else None  # (B, A, H)
+    return logits, hidden
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

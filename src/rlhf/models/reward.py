@@ -24,8 +24,9 @@ from transformers import AutoModelForSequenceClassification, DynamicCache, PreTr
 
 from rlhf.algos.core import last_token_index, position_ids_from_mask
 from rlhf.config import ModelLoadConfig
-from rlhf.data.chat import Encoded, Message, TooLong, encode_sft, specials_as_text
-from rlhf.models.loading import check_model_dir, disable_dropout, ensure_pad_token, from_pretrained, load_tokenizer
+from rlhf.data.chat import STOPS_ATTR, Encoded, Message, TooLong, encode_sft, specials_as_text
+from rlhf.models.loading import (check_model_dir, disable_dropout, ensure_pad_token, folder_stop_ids, from_pretrained,
+                                 load_tokenizer)
 from rlhf.models.policy import unwrap
 from rlhf.models.tokenizer import CHAT_TEMPLATE
 
@@ -56,6 +57,9 @@ def load_reward_backbone(path: str | Path, load: ModelLoadConfig | None = None, 
     elif tok.num_special_tokens_to_add(pair=True) == 0:
         log.warning("the tokenizer of %s adds no separators to a sentence pair; prompt and response are joined "
                     "with a newline", path)
+    # Where a response ends: recorded in our reward models' config (from the policy folder they were trained
+    # on), else the folder's own tokenizer EOS and generation_config.json.
+    setattr(tok, STOPS_ATTR, getattr(model.config, "rlhf_stop_token_ids", None) or folder_stop_ids(path, tok))
     disable_dropout(model)  # the same pair must score the same in every pass
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -150,13 +154,20 @@ def encode_reward_input(tok: PreTrainedTokenizerBase, prompt: Sequence[Message],
 
 
 class RewardModel:
-    """One reward model or an ensemble, loaded for scoring: mean reward and disagreement per sequence."""
+    """One reward model or an ensemble, loaded for scoring: mean reward and disagreement per sequence.
+
+    ``means``/``stds`` (M,) normalise each member's reward: the ``reward_mean``/``reward_std`` its folder
+    stores (``rlhf rm`` measures them on policy samples), or, for a reward model trained elsewhere, what
+    ``set_normalisation`` is given (PPO measures them on the initial policy's first rollout)."""
 
     def __init__(self, members: list[PreTrainedModel], tok: PreTrainedTokenizerBase, path: str | Path = ""):
         self.members, self.tok, self.path = members, tok, str(path)
         self.encoder = is_encoder(members[0])
         self.means = torch.tensor([float(getattr(m.config, "reward_mean", 0.0)) for m in members])  # (M,)
         self.stds = torch.tensor([float(getattr(m.config, "reward_std", 1.0)) for m in members])  # (M,)
+        self.stored_normalisation = all(hasattr(m.config, "reward_mean") for m in members)
+        limits = [p for p in (_positions(m.config) for m in members) if p]
+        self.max_length = min(limits) if limits else None  # the longest sequence every member was built for
 
     @classmethod
     def load(cls, path: str | Path, load: ModelLoadConfig | None = None) -> RewardModel:
@@ -170,29 +181,49 @@ class RewardModel:
 
     @property
     def normalized(self) -> bool:
-        return all(hasattr(m.config, "reward_mean") for m in self.members)
+        """The reward has normalisation statistics: stored in the folder, or set for this run."""
+        return self.stored_normalisation
+
+    def set_normalisation(self, means: torch.Tensor, stds: torch.Tensor) -> None:
+        """Normalise with these per-member statistics (M,) from now on."""
+        self.means, self.stds = means.float().cpu(), stds.float().cpu().clamp_min(1e-6)
+        self.stored_normalisation = True
+
+    def normalise(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Each member's (r - mean) / std: (M, N) -> (M, N)."""
+        return (rewards - self.means.to(rewards.device)[:, None]) / self.stds.to(rewards.device)[:, None]
 
     def to(self, device: torch.device | str) -> RewardModel:
         self.members = [m.to(device) for m in self.members]
         return self
 
     @torch.no_grad()
+    def raw(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each member's raw reward of full sequences (B, T): (M, B)."""
+        return torch.stack([reward_forward(m, input_ids, attention_mask) for m in self.members])
+
+    @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, normalize: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) over members, each (B,); normalize: each member's (r - mean) / std first."""
-        rewards = torch.stack([reward_forward(m, input_ids, attention_mask) for m in self.members])  # (M, B)
+        rewards = self.raw(input_ids, attention_mask)  # (M, B)
         if normalize:
-            rewards = (rewards - self.means.to(rewards.device)[:, None]) / self.stds.to(rewards.device)[:, None]
-        std = rewards.std(dim=0, unbiased=False) if len(self.members) > 1 else torch.zeros_like(rewards[0])
-        return rewards.mean(dim=0), std
+            rewards = self.normalise(rewards)
+        return member_mean_std(rewards)
 
     def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], *, batch_size: int = 64,
-              max_length: int = 256, normalize: bool = False, per_member: bool = False) -> torch.Tensor:
-        """Rewards of (prompt, response) pairs: (N,) mean, or (M, N) per member with per_member."""
-        seqs = [encode_for_reward(self.tok, p, r, max_length, self.encoder) or [] for p, r in zip(prompts, responses)]
-        out = self.score_sequences(seqs, batch_size=batch_size)  # (M, N)
+              max_length: int | None = None, normalize: bool = False, per_member: bool = False) -> torch.Tensor:
+        """Rewards of (prompt, response) pairs: (N,) mean, or (M, N) per member with per_member.
+
+        Each pair is read whole up to ``max_length`` tokens (default: the reward model's own context), the
+        prompt losing its oldest tokens if need be. A response that alone does not fit cannot be scored:
+        its reward is NaN, for the caller to treat like a response without EOS, never a score of nothing."""
+        limit = max_length or self.max_length or 1 << 20
+        seqs = [encode_for_reward(self.tok, p, r, limit, self.encoder) for p, r in zip(prompts, responses)]
+        out = self.score_sequences([s or [] for s in seqs], batch_size=batch_size)  # (M, N)
+        out[:, [i for i, s in enumerate(seqs) if s is None]] = float("nan")
         if normalize:
-            out = (out - self.means[:, None]) / self.stds[:, None]
+            out = self.normalise(out)
         return out if per_member else out.mean(dim=0)
 
     @torch.no_grad()
@@ -205,8 +236,22 @@ class RewardModel:
             idx = order[start : start + batch_size]
             batch = collate_sequences([seqs[i] for i in idx], self.tok.pad_token_id or 0)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            out[:, idx] = torch.stack([reward_forward(m, ids, mask) for m in self.members]).cpu()  # (M, b)
+            out[:, idx] = self.raw(ids, mask).cpu()  # (M, b)
         return out
+
+
+def member_mean_std(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over members and their disagreement (std; zeros for one model): (M, B) -> (B,), (B,)."""
+    std = rewards.std(dim=0, unbiased=False) if rewards.shape[0] > 1 else torch.zeros_like(rewards[0])
+    return rewards.mean(dim=0), std
+
+
+def _positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def collate_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

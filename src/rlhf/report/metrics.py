@@ -11,7 +11,9 @@ from typing import Any
 class MetricsLogger:
     """Append one JSON object per call to ``OUT/metrics.jsonl`` (flushed, so a crash keeps what was logged)."""
 
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True, purge_step: int | None = None):
+        """``purge_step``: a resumed run's first step; TensorBoard then drops what an earlier attempt logged from
+        that step on (metrics.jsonl is truncated by the caller)."""
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._file = None
@@ -24,7 +26,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard is optional
                 self._tb = None
 

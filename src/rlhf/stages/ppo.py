@@ -59,10 +59,10 @@ from rlhf.fsutil import (atomic_dir, check_out, fingerprint, mark_stage, marked,
 from rlhf.models.generation import eos_ids, sample_responses
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.models.policy import ValueHead, gather_logprobs, response_hidden, response_logits, unwrap
-from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders
+from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders, member_mean_std
 from rlhf.report.metrics import MetricsLogger
 from rlhf.report.progress import progress_bar
-from rlhf.world import judge_prompt, parse_prompt
+from rlhf.world import derive_seed, judge_prompt, parse_prompt
 
 log = logging.getLogger("rlhf.ppo")
 
@@ -132,12 +132,12 @@ class Models:
         module = self.value_head if self.value_head is not None else self.critic
         return [p for p in module.parameters() if p.requires_grad]
 
-    def reference_hidden(self, input_ids, attention_mask, n_prompt) -> tuple[torch.nn.Module, torch.Tensor]:
-        """The reference's response hidden states and the model whose head reads them."""
+    def reference_logits(self, input_ids, attention_mask, n_prompt, temperature: float) -> torch.Tensor:
+        """The reference's response logits (B, A, V), as ``response_logits`` computes the policy's."""
         if self.reference is not None:
-            return self.reference, response_hidden(self.reference, input_ids, attention_mask, n_prompt)
-        with self.policy.disable_adapter():  # LoRA: base weights without adapters = the initial policy
-            return self.policy, response_hidden(self.policy, input_ids, attention_mask, n_prompt)
+            return response_logits(self.reference, input_ids, attention_mask, n_prompt, temperature)[0]
+        with self.policy.disable_adapter():  # LoRA: base weights without adapters, LM head included, = the initial policy
+            return response_logits(self.policy, input_ids, attention_mask, n_prompt, temperature)[0]
 
 
 def load_models(cfg: PPOConfig, device: torch.device) -> Models:
@@ -159,6 +159,10 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
             raise ConfigError("ppo.critic=reward_model needs a decoder reward model with the policy's tokenizer "
                               "(its head is read at every response token); use --critic policy")
         critic, _ = load_reward_backbone(member_folders(cfg.reward_model)[0], cfg.load)
+        # In the units of the returns from the start: the head predicts the normalised score, not the raw one.
+        fold_normalisation(score_head(critic), *((reward.means[0], reward.stds[0]) if cfg.normalize_reward else (0.0, 1.0)))
+        if cfg.lora.enabled:  # adapters (and the head) only, like the policy
+            critic = apply_lora(critic, cfg.lora, task_type="SEQ_CLS")
     else:
         value_head = ValueHead(unwrap(policy).config.hidden_size)
     for m in (policy, reference, critic, value_head):
@@ -166,6 +170,24 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
             m.to(device)
     policy.eval()  # dropout is off in any case; eval() also keeps layers like BatchNorm fixed
     return Models(policy, tok, reference, critic, value_head, reward, same_tokenizer)
+
+
+def score_head(critic: torch.nn.Module) -> torch.nn.Linear:
+    """The critic's scalar head (the trainable copy under a peft wrapper)."""
+    head = unwrap(critic).score
+    return head.modules_to_save[head.active_adapter] if hasattr(head, "modules_to_save") else head
+
+
+@torch.no_grad()
+def fold_normalisation(head: torch.nn.Linear, mean: float, std: float) -> None:
+    """Make ``head(h)`` the normalised ``(head(h) - mean) / std`` by rewriting its weights (a bias is added
+    where the head has none): a critic copied from the reward model then starts in the units of the
+    returns, rather than predicting raw scores that value clipping takes many iterations to walk off."""
+    mean, std = float(mean), float(std)
+    if head.bias is None:
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype, device=head.weight.device))
+    head.weight.div_(std)
+    head.bias.sub_(mean).div_(std)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,7 +207,8 @@ class PromptStream:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders[epoch] = torch.randperm(len(self.encoded), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, f"ppo/prompts/{epoch}"))
+            self._orders[epoch] = torch.randperm(len(self.encoded), generator=gen).tolist()
         return self._orders[epoch]
 
     def batch(self, iteration: int, size: int) -> list[int]:
@@ -271,15 +294,16 @@ class PPORun:
 
     # -- rollout ----------------------------------------------------------------------------------------
 
-    def _seed(self, salt: int) -> int:
-        """Randomness of iteration i derives from (seed, i): a resumed run draws what the original drew."""
-        return (self.cfg.seed * 1_000_003 + self.iteration * 7919 + salt) % (2**63)
+    def _seed(self, purpose: str) -> int:
+        """Randomness of iteration i derives from a hash of (seed, i, purpose): a resumed run draws what the
+        original drew, and no two (seed, iteration, purpose) share a stream (a linear mix of them can)."""
+        return derive_seed(self.cfg.seed, f"ppo/{self.iteration}/{purpose}")
 
     @torch.no_grad()
     def rollout(self) -> tuple[Rollout, dict[str, float]]:
         cfg, m = self.cfg, self.m
         idx = self.prompts.batch(self.iteration, cfg.batch_size)
-        torch.manual_seed(self._seed(0))
+        torch.manual_seed(self._seed("rollout"))
 
         # 1. Generate: left-padded prompts, KV cache, sampling; everything after the first EOS is padding.
         sampled = sample_responses(unwrap(m.policy), m.tok, [self.prompts.encoded[i] for i in idx], cfg.generation, self.stop,
@@ -294,13 +318,12 @@ class PPORun:
 
         # 3. Log-probs of policy and reference (fp32, sampling temperature) and the critic's values.
         t = cfg.generation.temperature
-        hidden = response_hidden(m.policy, input_ids, attention_mask, n_prompt)  # (B, A, H)
-        logits = response_logits(m.policy, hidden, t)  # (B, A, V)
+        logits, hidden = response_logits(m.policy, input_ids, attention_mask, n_prompt, t,
+                                         with_hidden=m.value_head is not None)  # (B, A, V), (B, A, H)
         logprobs = gather_logprobs(logits, responses) * mask
         entropy = masked_mean(entropy_from_logits(logits), mask)
         del logits
-        ref_model, ref_hidden = m.reference_hidden(input_ids, attention_mask, n_prompt)
-        ref_logprobs = gather_logprobs(response_logits(ref_model, ref_hidden, t), responses) * mask
+        ref_logprobs = gather_logprobs(m.reference_logits(input_ids, attention_mask, n_prompt, t), responses) * mask
         values = m.values(input_ids, attention_mask, n_prompt, hidden) * mask  # (B, A)
 
         # 4. Per-token rewards: -kl_coef * KL_t everywhere, the score (plus extra components) on the last token.
@@ -336,11 +359,18 @@ class PPORun:
         component's mean."""
         cfg, rm = self.cfg, self.m.reward
         if self.m.same_tokenizer:  # the RM reads exactly the tokens the policy wrote (the reward sits on EOS)
-            mean, std = rm(input_ids, attention_mask, normalize=cfg.normalize_reward)
-        else:
-            per_member = rm.score([self.prompts.messages[i] for i in idx], texts, per_member=True,
-                                  normalize=cfg.normalize_reward).to(self.device)  # (M, B)
-            mean, std = per_member.mean(0), per_member.std(0, unbiased=False)
+            per_member = rm.raw(input_ids, attention_mask)  # (M, B)
+            fits = attention_mask.sum(1) <= (rm.max_length or input_ids.shape[1])  # (B,)
+        else:  # its own tokenizer: the whole prompt and response, up to its own context
+            per_member = rm.score([self.prompts.messages[i] for i in idx], texts, per_member=True).to(self.device)
+            fits = per_member.isfinite().all(0)
+            per_member = per_member.nan_to_num(0.0)
+        if cfg.normalize_reward:
+            if not rm.normalized:
+                self._normalise_on_first_rollout(per_member[:, fits])
+            per_member = rm.normalise(per_member)
+        mean, std = member_mean_std(per_member)
+        ended = ended & fits  # a sequence the reward model cannot read whole is scored like one without EOS
         rm_scores = mean - cfg.ensemble_penalty * std
         scores, means = rm_scores.clone(), {}
         prompts = [self.prompts.texts[i] for i in idx]
@@ -354,12 +384,28 @@ class PPORun:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         return rm_scores, std, scores, means
 
+    def _normalise_on_first_rollout(self, raw: torch.Tensor) -> None:
+        """A reward model trained elsewhere stores no reward_mean/reward_std: measure them on the initial
+        policy's first rollout (M, B), as `rlhf rm` does on SFT samples, instead of using raw scores against
+        reward_clip and missing_eos_score; fold them into the critic too. They are kept in the checkpoints."""
+        if raw.shape[1] < 2:
+            raise ConfigError(f"ppo: {self.cfg.reward_model} stores no reward_mean/reward_std and the first rollout has "
+                              "too few scorable responses to measure them; train it with `rlhf rm`, or set "
+                              "ppo.normalize_reward false")
+        means, stds = raw.mean(1), raw.std(1).clamp_min(1e-6)
+        self.m.reward.set_normalisation(means, stds)
+        if self.m.critic is not None:
+            fold_normalisation(score_head(self.m.critic), means[0].item(), stds[0].item())
+        log.warning("%s stores no reward_mean/reward_std: normalising with its scores on the initial policy's first "
+                    "rollout (mean %s, std %s)", self.cfg.reward_model, [round(v, 4) for v in means.tolist()],
+                    [round(v, 4) for v in stds.tolist()])
+
     # -- update -----------------------------------------------------------------------------------------
 
     def update(self, ro: Rollout) -> dict[str, float]:
         """6. ppo_epochs passes over shuffled minibatches; early stop on approximate KL."""
         cfg, m = self.cfg, self.m
-        gen = torch.Generator().manual_seed(self._seed(1))
+        gen = torch.Generator().manual_seed(self._seed("minibatches"))
         m.policy.train()
         totals: dict[str, float] = {}
         n_mb, stopped = 0, False
@@ -385,8 +431,8 @@ class PPORun:
         ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
         width = int(mask.sum(1).max())  # drop response columns that are padding for the whole minibatch
         ids, am, mask = ids[:, : ro.n_prompt + width], am[:, : ro.n_prompt + width], mask[:, :width]
-        hidden = response_hidden(m.policy, ids, am, ro.n_prompt)  # (b, a, H)
-        logits = response_logits(m.policy, hidden, cfg.generation.temperature)  # (b, a, V)
+        logits, hidden = response_logits(m.policy, ids, am, ro.n_prompt, cfg.generation.temperature,
+                                         with_hidden=m.value_head is not None)  # (b, a, V), (b, a, H)
         logprobs = gather_logprobs(logits, ids[:, ro.n_prompt :])
         pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
         values = m.values(ids, am, ro.n_prompt, hidden)
@@ -412,7 +458,7 @@ class PPORun:
 
     def _ptx_loss(self) -> torch.Tensor:
         """PPO-ptx: the language-modelling loss on a seeded batch of the ptx data."""
-        rng = random.Random(self._seed(2 + self.policy_opt_steps()))
+        rng = random.Random(self._seed(f"ptx/{self.policy_opt_steps()}"))
         rows = [self.ptx[rng.randrange(len(self.ptx))] for _ in range(self.cfg.ptx_batch_size)]
         batch = {k: v.to(self.device) for k, v in pad_right(rows, self.m.tok.pad_token_id).items()}
         logits = self.m.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -464,7 +510,9 @@ class PPORun:
             save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
             torch.save({"policy": self.policy_opt.state_dict(), "critic": self.critic_opt.state_dict()}, tmp / "optimizer.pt")
             torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]))}, tmp / "rng.pt")
+            rm = self.m.reward
             write_json_atomic(tmp / "state.json", {"iteration": self.iteration, "kl_controller": self.kl_ctl.state_dict(),
+                                                   "reward_normalisation": {"mean": rm.means.tolist(), "std": rm.stds.tolist()},
                                                    "config": to_dict(self.cfg), "inputs": self.inputs})
         for old in sorted(checkpoints(out), key=checkpoint_step)[:-2]:
             shutil.rmtree(old, ignore_errors=True)
@@ -488,6 +536,9 @@ class PPORun:
         meta = json.loads((path / "state.json").read_text())
         self.iteration = int(meta["iteration"])
         self.kl_ctl.load_state_dict(meta["kl_controller"])
+        if "reward_normalisation" in meta:  # the statistics the run measured (or the folder's): the same rewards
+            norm = meta["reward_normalisation"]
+            self.m.reward.set_normalisation(torch.tensor(norm["mean"]), torch.tensor(norm["std"]))
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -498,10 +549,11 @@ def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT.search(path.name).group(1))
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after the checkpoint being resumed, so the log reads as one uninterrupted run."""
+def truncate_log(path: Path, last_step: int, key: str = "step") -> None:
+    """Drop the JSONL records past the checkpoint being resumed (by their ``key``), so that the log reads as
+    one uninterrupted run: each iteration once."""
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)[key] <= last_step]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
@@ -589,7 +641,8 @@ def prepare_out(cfg: PPOConfig, run: PPORun, action: str) -> Path:
         last = max(found, key=checkpoint_step)
         run.load_checkpoint(last)
         log.info("resumed from %s (iteration %d)", last, run.iteration)
-    _truncate_metrics(out / "metrics.jsonl", run.iteration)
+    truncate_log(out / "metrics.jsonl", run.iteration)
+    truncate_log(out / "alerts.jsonl", run.iteration, key="iteration")
     return out
 
 
@@ -667,7 +720,8 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
     monitor = Monitor(run.world, len(run.m.reward.members) > 1)
     if first and (saved := max(checkpoints(out), key=checkpoint_step) / "monitor.json").is_file():
         monitor.load_state_dict(json.loads(saved.read_text()))
-    with MetricsLogger(out) as logger, progress_bar("ppo", cfg.iterations) as bar:
+    # purge_step: TensorBoard hides what an interrupted attempt logged past the checkpoint.
+    with MetricsLogger(out, purge_step=first + 1 if first else None) as logger, progress_bar("ppo", cfg.iterations) as bar:
         bar.update(advance=first)
         while run.iteration < cfg.iterations:
             last, ro = run.step()

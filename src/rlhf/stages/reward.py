@@ -9,6 +9,7 @@ different seeds and bootstrap resamples, into ``member_0`` ... ``member_{N-1}`` 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from rlhf.config import DataConfig, RewardConfig, require
 from rlhf.configlib import to_dict
 from rlhf.data.io import DataError, PreferenceExample, load_preferences, load_prompts, to_record
 from rlhf.evaluation.agreement import annotator_report, units_from_preferences
-from rlhf.data.chat import TooLong, count_control_rows, report_control_rows
+from rlhf.data.chat import TooLong, count_control_rows, report_control_rows, stop_ids
 from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.models.reward import (
@@ -50,22 +51,41 @@ class EncodedPair:
     margin: float | None
 
 
+def encode_pair(tok, ex: PreferenceExample, data: DataConfig, encoder: bool) -> list:
+    """Both sides of one pair, [chosen, rejected] (None where a response alone does not fit), with one prompt
+    window: when the longer side needs its prompt cut, the shorter side's prompt is cut to the same tokens,
+    so the two are judged on the same context. TooLong under truncation='error'."""
+    if data.truncation == "error":
+        for name, reply in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+            try:
+                encode_reward_input(tok, ex.prompt, reply, data.max_length, encoder, "error")
+            except TooLong as e:
+                e.field = name if e.field == "completion" else "prompt"
+                raise
+    replies = (ex.chosen, ex.rejected)
+    full = [encode_reward_input(tok, ex.prompt, reply, 1 << 30, encoder) for reply in replies]
+    longest = max(len(f.input_ids) for f in full)
+    if longest <= data.max_length:
+        return full
+    # Each side keeps max_length - (longest - its own length) tokens: the same prompt tokens on both sides.
+    return [encode_reward_input(tok, ex.prompt, reply, data.max_length - (longest - len(f.input_ids)), encoder)
+            for reply, f in zip(replies, full)]
+
+
 def encode_pairs(tok, examples: list[PreferenceExample], data: DataConfig, encoder: bool
                  ) -> tuple[list[EncodedPair], dict[str, int]]:
     """Tokenize both sides. The reward is read at the end, so overlong prompts lose their oldest tokens
-    (counted); a pair whose response alone is too long is dropped and counted, or with truncation='error'
-    is a bad row naming the field that is too long (data.on_error decides whether that stops the run)."""
+    (counted), the same ones on both sides; a pair whose response alone is too long is dropped and counted,
+    or with truncation='error' is a bad row naming the field that is too long (data.on_error decides
+    whether that stops the run)."""
     pairs, dropped, truncated = [], [], 0
     for ex in examples:
-        sides = []
-        for name, reply in (("chosen", ex.chosen), ("rejected", ex.rejected)):
-            try:
-                sides.append(encode_reward_input(tok, ex.prompt, reply, data.max_length, encoder, data.truncation))
-            except TooLong as e:
-                if data.on_error == "raise":
-                    raise DataError(str(e), path=data.path, location=ex.source or None,
-                                    field=name if e.field == "completion" else "prompt") from None
-                sides.append(None)
+        try:
+            sides = encode_pair(tok, ex, data, encoder)
+        except TooLong as e:
+            if data.on_error == "raise":
+                raise DataError(str(e), path=data.path, location=ex.source or None, field=e.field) from None
+            sides = [None, None]
         if sides[0] is None or sides[1] is None:
             dropped.append(ex.source)
             continue
@@ -175,17 +195,32 @@ def make_validate(cfg: RewardConfig, val_batches: list[dict], device):
     return validate
 
 
+def split_by_prompt(pairs: list[PreferenceExample], fraction: float, seed: int
+                    ) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """(train, validation), about ``fraction`` of the pairs held out, whole prompts at a time: every label of a
+    prompt (its several pairs, and one pair's several annotators) sits on one side, so validation never
+    scores a pair the model was trained on under another label."""
+    by_prompt: dict[str, list[PreferenceExample]] = {}
+    for ex in pairs:
+        by_prompt.setdefault(json.dumps(ex.prompt, sort_keys=True), []).append(ex)
+    keys = list(by_prompt)
+    random.Random(seed).shuffle(keys)
+    target, val, train = int(len(pairs) * fraction), [], []
+    for key in keys:
+        (val if len(val) < target else train).extend(by_prompt[key])
+    return train, val
+
+
 def load_pairs(data: DataConfig, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample], int]:
-    """Training and validation pairs: from val_path, or a seeded val_fraction of the training file; and how many
-    bad rows were skipped (data.on_error: skip)."""
+    """Training and validation pairs: from val_path, or a seeded val_fraction of the training file split by
+    prompt; and how many bad rows were skipped (data.on_error: skip)."""
     loaded = load_preferences(data.path, on_error=data.on_error)
     train, skipped = list(loaded), len(loaded.skipped)
     if data.val_path:
         val = load_preferences(data.val_path, on_error=data.on_error)
         return train, list(val), skipped + len(val.skipped)
-    random.Random(seed).shuffle(train)
-    n_val = int(len(train) * data.val_fraction)
-    return train[n_val:], train[:n_val], skipped
+    train, val = split_by_prompt(train, data.val_fraction, seed)
+    return train, val, skipped
 
 
 def filter_annotators(cfg: RewardConfig, train: list[PreferenceExample]) -> tuple[list[PreferenceExample], list[str]]:
@@ -268,6 +303,7 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
     model = acc.unwrap_model(model)
     mean, std = reward_stats(model, tok, *norm_samples, cfg.data.max_length)
     model.config.reward_mean, model.config.reward_std = mean, std  # read back by RewardModel (and PPO)
+    model.config.rlhf_stop_token_ids = sorted(stop_ids(tok))  # the tokens its training responses ended with
     save_model(model, tok, out, lora_save=cfg.lora.save)
     return {
         "member": index, "seed": seed, "pairs": len(train_pairs), "val_pairs": len(val_pairs), **counts, "steps": result.steps,
