@@ -69,9 +69,10 @@ def cycle_sample(items: list, n: int, seed: int) -> list:
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_model_dir(size: str, texts: list[str], folder: Path, seed: int) -> int:
+def build_model_dir(size: str, texts: list[str], folder: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> int:
     """A tiny LlamaForCausalLM plus our tokenizer (trained on ``texts``), saved as an ordinary HF folder;
-    returns the parameter count."""
+    returns the parameter count. A ``vocab_size`` above the tokenizer's gives the model a real model's
+    embedding and LM-head size (rows no token reaches), for memory figures."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -81,10 +82,10 @@ def build_model_dir(size: str, texts: list[str], folder: Path, seed: int) -> int
     hf_logging.disable_progress_bar()
 
     tok = train_tokenizer(texts, VOCAB_SIZE)
-    if len(tok) > VOCAB_SIZE:
-        raise SystemExit(f"tokenizer has {len(tok)} tokens, more than the model's {VOCAB_SIZE}")
+    if len(tok) > vocab_size:
+        raise SystemExit(f"tokenizer has {len(tok)} tokens, more than the model's {vocab_size}")
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, max_position_embeddings=1024, tie_word_embeddings=False,
+        vocab_size=vocab_size, max_position_embeddings=1024, tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SIZES[size],
     )
     torch.manual_seed(seed)

@@ -92,7 +92,7 @@ def make_chatml_tokenizer():
 
 
 def save_tiny_qwen2(path: Path) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     tok = make_chatml_tokenizer()
     torch.manual_seed(0)
@@ -100,9 +100,96 @@ def save_tiny_qwen2(path: Path) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
                       tie_word_embeddings=True)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    model = Qwen2ForCausalLM(cfg)
+    # Qwen2.5-Instruct's generation_config.json (plus a min_p), which must not reach our sampling.
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, do_sample=True, repetition_penalty=1.5,
+        temperature=0.7, top_p=0.8, top_k=20, min_p=0.1, eos_token_id=[tok.eos_token_id, tok.pad_token_id])
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# Llama-3-Instruct's template (tools and dates left out).
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+# Gemma-2-it's template: the assistant is "model", every turn closed by <end_of_turn> and a newline.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def _bpe(specials: list[str], **named):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=specials, **named)
+
+
+def save_tiny_llama3(path: Path) -> Path:
+    """A tiny Llama with Llama-3's control tokens and template: the base tokenizer's EOS <|end_of_text|>, turns
+    closed by <|eot_id|>, which the generation config lists as a stop token; no pad token set (the vocabulary
+    reserves <|finetune_right_pad_id|>)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = _bpe(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<|finetune_right_pad_id|>"], bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    tok.chat_template = LLAMA3_TEMPLATE
+    ids = tok.convert_tokens_to_ids
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<|end_of_text|>"))
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=ids("<|begin_of_text|>"), do_sample=True, temperature=0.6,
+                                               top_p=0.9, eos_token_id=[ids("<|end_of_text|>"), ids("<|eot_id|>")])
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def save_tiny_gemma2(path: Path) -> Path:
+    """A tiny Gemma-2: final-logit and attention softcapping, sliding-window layers, its template; EOS <eos>, and
+    <end_of_turn> a stop token in the generation config."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
+
+    tok = _bpe(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], pad_token="<pad>", eos_token="<eos>",
+               bos_token="<bos>")
+    tok.chat_template = GEMMA_TEMPLATE
+    ids = tok.convert_tokens_to_ids
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                       final_logit_softcapping=3.0, attn_logit_softcapping=50.0, sliding_window=16,
+                       pad_token_id=ids("<pad>"), eos_token_id=ids("<eos>"), bos_token_id=ids("<bos>"))
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():  # large logits, so that the softcap (3.0 here; 30 in Gemma-2) shapes them
+        model.lm_head.weight.mul_(40.0)
+    model.generation_config = GenerationConfig(bos_token_id=ids("<bos>"), pad_token_id=ids("<pad>"),
+                                               eos_token_id=[ids("<eos>"), ids("<end_of_turn>")])
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3(tmp_path_factory) -> Path:
+    return save_tiny_llama3(tmp_path_factory.mktemp("llama3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tmp_path_factory) -> Path:
+    return save_tiny_gemma2(tmp_path_factory.mktemp("gemma2"))
 
 
 @pytest.fixture(scope="session")

@@ -603,6 +603,17 @@ class PPOConfig:
     is not this stage's output, or that holds one of the run's inputs, is refused)."""
     n_prompts: int | None = None
     """Use the first N prompts of the file (null: all)."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens (after the chat template); longer ones are left out and counted (null: what the
+    policy's positions leave after generation.max_new_tokens)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass in the rollout's scoring (policy, reference, critic, reward model) and in the
+    update, whose gradients accumulate over a minibatch's micro-batches: memory scales with it, not with
+    batch_size (null: whole minibatches, and the whole rollout at once). The same results up to float rounding."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's (and critic's) activations in the backward pass of the update: less memory, slower."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast for the update's forward passes (weights, log-prob ratios and the optimiser stay fp32)."""
     critic: Literal["reward_model", "policy"] = "reward_model"
     """Value model: a copy of the reward model with its head read at every token (the standard), or a
     zero-initialised value head on the policy's own hidden states (one model less, shared features)."""
@@ -692,7 +703,7 @@ class PPOConfig:
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "log_every", "ptx_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ppo.{name}: must be >= 1, got {getattr(self, name)}")
-        check_numbers(self, "ppo.", at_least_one=("n_prompts",), positive=("lr", "critic_lr"),
+        check_numbers(self, "ppo.", at_least_one=("n_prompts", "max_prompt_length", "micro_batch_size"), positive=("lr", "critic_lr"),
                       non_negative=("warmup_iterations", "weight_decay", "vf_coef", "ent_coef", "approxkl_stop",
                                     "max_grad_norm", "reward_clip", "ensemble_penalty", "ptx_coef", "save_every"))
         if self.ptx_max_length < 2:

@@ -153,17 +153,23 @@ class Sampled:
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
                      cfg: GenerationConfig, stop: set[int], logits_processor=None) -> Sampled:
-    """Sample one response per encoded prompt, in generation batches of cfg.batch_size, cut after the first EOS."""
+    """Sample one response per encoded prompt, in generation batches of cfg.batch_size, cut after the first EOS.
+
+    Each generation batch is padded to its own longest prompt (one long prompt does not widen every batch);
+    the rollout's tensors then share one width, left-padded further where needed."""
     device = next(model.parameters()).device
+    n_prompt = max(len(p) for p in prompts)
+    chunks = []
+    for s in range(0, len(prompts), cfg.batch_size):
+        chunk = {k: v.to(device) for k, v in pad_left(prompts[s : s + cfg.batch_size], tok.pad_token_id).items()}  # (b, p)
+        chunks.append(sample_batch(model, tok, chunk, cfg, stop, logits_processor))
     batch = {k: v.to(device) for k, v in pad_left(prompts, tok.pad_token_id).items()}  # (B, P)
-    chunks = [sample_batch(model, tok, {k: v[s : s + cfg.batch_size] for k, v in batch.items()}, cfg, stop, logits_processor)
-              for s in range(0, len(prompts), cfg.batch_size)]
     width = max(c.shape[1] for c in chunks)
     responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks])  # (B, A)
     mask, ended = response_mask(responses, stop)
     responses = responses.masked_fill(mask == 0, tok.pad_token_id)
     return Sampled(torch.cat([batch["input_ids"], responses], dim=1), torch.cat([batch["attention_mask"], mask], dim=1),
-                   batch["input_ids"].shape[1], responses, mask, ended)
+                   n_prompt, responses, mask, ended)
 
 
 @torch.no_grad()

@@ -72,8 +72,11 @@ def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token): (B, A, V), (B, A) -> (B, A)."""
-    return torch.gather(torch.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    """log p(token) = logit[token] - logsumexp(logits): (B, A, V), (B, A) -> (B, A).
+
+    Unlike gather(log_softmax(logits)), no (B, A, V) log-softmax is made and kept for the backward pass:
+    only the logits (which the forward made anyway) and one number per position."""
+    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 class ValueHead(torch.nn.Module):

@@ -37,7 +37,7 @@ import torch
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 
-from rlhf.algos.core import causal_lm_loss, masked_mean
+from rlhf.algos.core import causal_lm_loss, masked_mean, masked_sum
 from rlhf.algos.ppo import (
     compute_gae,
     entropy_from_logits,
@@ -57,7 +57,7 @@ from rlhf.data.io import load_prompts, load_records, load_sft
 from rlhf.fsutil import (atomic_dir, check_out, fingerprint, mark_stage, marked, remove_output, stage_done,
                          write_json_atomic)
 from rlhf.models.generation import eos_ids, sample_responses
-from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
+from rlhf.models.loading import apply_lora, check_length, load_causal_lm, max_positions, save_model
 from rlhf.models.policy import ValueHead, gather_logprobs, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders, member_mean_std
 from rlhf.report.metrics import MetricsLogger
@@ -142,7 +142,7 @@ class Models:
 
 def load_models(cfg: PPOConfig, device: torch.device) -> Models:
     """Policy (optionally LoRA), reference, critic and reward model, dropout off, on ``device``."""
-    policy, tok = load_causal_lm(cfg.policy, cfg.load)
+    policy, tok = load_causal_lm(cfg.policy, cfg.load, gradient_checkpointing=cfg.gradient_checkpointing)
     reference = None
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
@@ -158,7 +158,8 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
         if reward.encoder or not same_tokenizer:
             raise ConfigError("ppo.critic=reward_model needs a decoder reward model with the policy's tokenizer "
                               "(its head is read at every response token); use --critic policy")
-        critic, _ = load_reward_backbone(member_folders(cfg.reward_model)[0], cfg.load)
+        critic, _ = load_reward_backbone(member_folders(cfg.reward_model)[0], cfg.load,
+                                         gradient_checkpointing=cfg.gradient_checkpointing)
         # In the units of the returns from the start: the head predicts the normalised score, not the raw one.
         fold_normalisation(score_head(critic), *((reward.means[0], reward.stds[0]) if cfg.normalize_reward else (0.0, 1.0)))
         if cfg.lora.enabled:  # adapters (and the head) only, like the policy
@@ -204,6 +205,7 @@ class PromptStream:
         # request it disguises (the intent is known when we build the attack).
         self.texts = texts or [m[-1]["content"] for m in messages]
         self._orders: dict[int, list[int]] = {}
+        self.dropped = 0  # prompts left out for length
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -234,7 +236,25 @@ def load_prompt_stream(cfg: PPOConfig, tok) -> tuple[PromptStream, bool]:
         log.info("PPO prompts: %d, of which %d red-team attacks (training wordings)", len(messages), len(attacks))
     report_control_rows(tok, count_control_rows(tok, ([m["content"] for m in msgs] for msgs in messages)), len(messages))
     encoded = [encode_prompt(tok, m) for m in messages]
-    return PromptStream(encoded, messages, cfg.seed, texts), world
+    limit = prompt_limit(cfg)
+    keep = [i for i, e in enumerate(encoded) if limit is None or len(e) <= limit]
+    if len(keep) < len(encoded):
+        log.warning("left out %d of %d prompts longer than %d tokens (ppo.max_prompt_length)", len(encoded) - len(keep),
+                    len(encoded), limit)
+        if not keep:
+            raise ConfigError(f"ppo: every prompt of {cfg.prompts} is longer than {limit} tokens (ppo.max_prompt_length)")
+    stream = PromptStream([encoded[i] for i in keep], [messages[i] for i in keep], cfg.seed, [texts[i] for i in keep])
+    stream.dropped = len(encoded) - len(keep)
+    return stream, world
+
+
+def prompt_limit(cfg: PPOConfig) -> int | None:
+    """The longest prompt a rollout takes: ppo.max_prompt_length, and at most what the policy's positions leave
+    after max_new_tokens (a longer one would run past them)."""
+    positions = max_positions(cfg.policy) if cfg.policy else None
+    room = positions - cfg.generation.max_new_tokens if positions else None
+    limits = [v for v in (cfg.max_prompt_length, room) if v]
+    return min(limits) if limits else None
 
 
 def load_ptx(cfg: PPOConfig, tok) -> list[Encoded]:
@@ -317,14 +337,7 @@ class PPORun:
         rm_scores, rm_std, scores, components = self._score(input_ids, attention_mask, idx, texts, ended)  # (B,) x3, {}
 
         # 3. Log-probs of policy and reference (fp32, sampling temperature) and the critic's values.
-        t = cfg.generation.temperature
-        logits, hidden = response_logits(m.policy, input_ids, attention_mask, n_prompt, t,
-                                         with_hidden=m.value_head is not None)  # (B, A, V), (B, A, H)
-        logprobs = gather_logprobs(logits, responses) * mask
-        entropy = masked_mean(entropy_from_logits(logits), mask)
-        del logits
-        ref_logprobs = gather_logprobs(m.reference_logits(input_ids, attention_mask, n_prompt, t), responses) * mask
-        values = m.values(input_ids, attention_mask, n_prompt, hidden) * mask  # (B, A)
+        logprobs, ref_logprobs, values, entropy = self._score_tokens(input_ids, attention_mask, n_prompt, responses, mask)
 
         # 4. Per-token rewards: -kl_coef * KL_t everywhere, the score (plus extra components) on the last token.
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl.estimator) * mask  # (B, A)
@@ -359,7 +372,8 @@ class PPORun:
         component's mean."""
         cfg, rm = self.cfg, self.m.reward
         if self.m.same_tokenizer:  # the RM reads exactly the tokens the policy wrote (the reward sits on EOS)
-            per_member = rm.raw(input_ids, attention_mask)  # (M, B)
+            per_member = torch.cat([rm.raw(input_ids[p], attention_mask[p]) for p in self._micro_batches(len(input_ids))],
+                                   dim=1)  # (M, B)
             fits = attention_mask.sum(1) <= (rm.max_length or input_ids.shape[1])  # (B,)
         else:  # its own tokenizer: the whole prompt and response, up to its own context
             per_member = rm.score([self.prompts.messages[i] for i in idx], texts, per_member=True).to(self.device)
@@ -383,6 +397,30 @@ class PPORun:
         if cfg.reward_clip:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         return rm_scores, std, scores, means
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        size = self.cfg.micro_batch_size or n
+        return [slice(s, s + size) for s in range(0, n, size)]
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16")
+
+    def _score_tokens(self, input_ids, attention_mask, n_prompt: int, responses, mask
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step 3 in micro-batches: policy and reference log-probs (B, A), the critic's values (B, A) and the
+        policy's mean entropy; a (b, A, V) logits tensor at a time, never the rollout's (B, A, V)."""
+        m, t = self.m, self.cfg.generation.temperature
+        logprobs, ref_logprobs, values, entropy = [], [], [], torch.zeros((), device=input_ids.device)
+        for part in self._micro_batches(len(input_ids)):
+            ids, am, tokens, mk = input_ids[part], attention_mask[part], responses[part], mask[part]
+            with self._autocast():
+                logits, hidden = response_logits(m.policy, ids, am, n_prompt, t, with_hidden=m.value_head is not None)
+                logprobs.append(gather_logprobs(logits, tokens) * mk)  # (b, A)
+                entropy += masked_sum(entropy_from_logits(logits), mk)
+                del logits
+                ref_logprobs.append(gather_logprobs(m.reference_logits(ids, am, n_prompt, t), tokens) * mk)
+                values.append(m.values(ids, am, n_prompt, hidden) * mk)
+        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), entropy / mask.sum().clamp(min=1)
 
     def _normalise_on_first_rollout(self, raw: torch.Tensor) -> None:
         """A reward model trained elsewhere stores no reward_mean/reward_std: measure them on the initial
@@ -427,34 +465,50 @@ class PPORun:
         return out
 
     def _minibatch(self, ro: Rollout, idx: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on a minibatch: gradients accumulated over its micro-batches, each weighted by its
+        share of the minibatch's response tokens, so the step equals the whole minibatch's (losses are means
+        over response tokens)."""
         cfg, m = self.cfg, self.m
-        ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
-        width = int(mask.sum(1).max())  # drop response columns that are padding for the whole minibatch
-        ids, am, mask = ids[:, : ro.n_prompt + width], am[:, : ro.n_prompt + width], mask[:, :width]
-        logits, hidden = response_logits(m.policy, ids, am, ro.n_prompt, cfg.generation.temperature,
-                                         with_hidden=m.value_head is not None)  # (b, a, V), (b, a, H)
-        logprobs = gather_logprobs(logits, ids[:, ro.n_prompt :])
-        pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
-        values = m.values(ids, am, ro.n_prompt, hidden)
-        vf_loss, vf = value_loss(values, ro.values[idx, :width], ro.returns[idx, :width], mask, cfg.cliprange_value)
-        with torch.set_grad_enabled(cfg.ent_coef != 0):  # without a bonus it is a statistic: no backward through it
-            entropy = masked_mean(entropy_from_logits(logits), mask)
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-        ptx_loss = self._ptx_loss() if self.ptx else None
-        if ptx_loss is not None:
-            loss = loss + cfg.ptx_coef * ptx_loss
-        loss.backward()
+        n_tokens = ro.response_mask[idx].sum().clamp(min=1)
+        stats: dict[str, float] = {}
+        for part in self._micro_batches(len(idx)):
+            weight = ro.response_mask[idx[part]].sum() / n_tokens
+            loss, micro = self._micro_loss(ro, idx[part])
+            (loss * weight).backward()
+            for k, v in micro.items():
+                stats[k] = stats.get(k, 0.0) + v * weight.item()
+        if self.ptx:
+            ptx_loss = self._ptx_loss()
+            (cfg.ptx_coef * ptx_loss).backward()
+            stats["ptx/loss"] = ptx_loss.item()
         for opt, params in ((self.policy_opt, [p for p in m.policy.parameters() if p.requires_grad]),
                             (self.critic_opt, m.critic_parameters())):
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        stats = {"policy/loss": pg_loss.item(), "policy/approxkl": pg["approxkl"].item(), "policy/clipfrac": pg["clipfrac"].item(),
-                 "policy/entropy": entropy.item(), "val/loss": vf_loss.item(), "val/clipfrac": vf["clipfrac"].item()}
-        if ptx_loss is not None:
-            stats["ptx/loss"] = ptx_loss.item()
         return stats
+
+    def _micro_loss(self, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped policy loss, the clipped value loss and the entropy bonus of some rollout rows, each a
+        mean over their response tokens; and the statistics."""
+        cfg, m = self.cfg, self.m
+        ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
+        width = int(mask.sum(1).max())  # drop response columns that are padding for all these rows
+        ids, am, mask = ids[:, : ro.n_prompt + width], am[:, : ro.n_prompt + width], mask[:, :width]
+        with self._autocast():
+            logits, hidden = response_logits(m.policy, ids, am, ro.n_prompt, cfg.generation.temperature,
+                                             with_hidden=m.value_head is not None)  # (b, a, V), (b, a, H)
+            logprobs = gather_logprobs(logits, ids[:, ro.n_prompt :])
+            values = m.values(ids, am, ro.n_prompt, hidden)
+        pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
+        vf_loss, vf = value_loss(values, ro.values[idx, :width], ro.returns[idx, :width], mask, cfg.cliprange_value)
+        with torch.set_grad_enabled(cfg.ent_coef != 0):  # without a bonus it is a statistic: no backward through it
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        return loss, {"policy/loss": pg_loss.item(), "policy/approxkl": pg["approxkl"].item(),
+                      "policy/clipfrac": pg["clipfrac"].item(), "policy/entropy": entropy.item(),
+                      "val/loss": vf_loss.item(), "val/clipfrac": vf["clipfrac"].item()}
 
     def _ptx_loss(self) -> torch.Tensor:
         """PPO-ptx: the language-modelling loss on a seeded batch of the ptx data."""
@@ -736,7 +790,7 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
         run.save_checkpoint(out, monitor.state_dict())
     summary = {"stage": "ppo", "iterations": run.iteration, "resumed_from": first or None,
                "seconds": time.perf_counter() - start, "final": last, "kl_coef": run.kl_ctl.value,
-               "world": run.world, "hacking": monitor.hacking.summary(), "collapse": monitor.collapse,
-               "config": to_dict(cfg)}
+               "world": run.world, "dropped_prompts": run.prompts.dropped, "hacking": monitor.hacking.summary(),
+               "collapse": monitor.collapse, "config": to_dict(cfg)}
     save_final(run, out, summary)
     return summary
