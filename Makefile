@@ -19,6 +19,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sft_vs_trl.py
 	$(BIN)/python benchmarks/rm_vs_trl.py
 	$(BIN)/python benchmarks/ppo_iteration.py
+	$(BIN)/python benchmarks/ppo_memory.py
 
 install: $(STAMP)
 

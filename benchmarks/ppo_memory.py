@@ -6,8 +6,8 @@ not the weights. One iteration (rollout of ``--batch-size`` prompts with ``--new
 reward model, reference, critic, then one epoch of minibatches of 16) runs in a fresh process for each
 setting: ``--micro-batch-size`` null (every sequence of the rollout in one forward pass, minibatches of
 16 whole) and the given value (rollout and update in micro-batches, gradients accumulated). Reported:
-the process's peak resident memory (``ru_maxrss``) after loading and at the end of the iteration, and
-the iteration's own increase.
+the process's peak resident memory (``ru_maxrss``) after loading, after the rollout and at the end of
+the iteration, and the iteration's own increase.
 
     python benchmarks/ppo_memory.py                      # batch 64, 128 new tokens, micro-batch 8
     python benchmarks/ppo_memory.py --micro-batch-size 4 --out results.json
@@ -40,12 +40,17 @@ def worker(a: argparse.Namespace) -> dict:
         policy=a.model, reward_model=a.reward_model, prompts=a.rows, out=str(Path(a.result).with_suffix(".run")),
         iterations=1, batch_size=a.batch_size, mini_batch_size=16, ppo_epochs=1, micro_batch_size=micro,
         missing_eos_score=None, generation=dict(do_sample=True, max_new_tokens=a.new_tokens, batch_size=a.batch_size)))
+    def peak() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+
     run = PPORun(cfg)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    start = time.perf_counter()
-    stats, ro = run.step()
+    loaded, start = peak(), time.perf_counter()
+    run.set_lr()
+    ro, stats = run.rollout()  # the iteration of PPORun.step, in its two halves
+    after_rollout = peak()
+    run.update(ro)
     return {"setting": a.worker, "micro_batch_size": micro, "peak_after_load_mib": loaded,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": time.perf_counter() - start,
+            "peak_after_rollout_mib": after_rollout, "peak_mib": peak(), "seconds": time.perf_counter() - start,
             "response_tokens": int(ro.response_mask.sum()), "response_length": stats["response/length"]}
 
 
@@ -87,10 +92,10 @@ def main(argv=None) -> None:
             results.append(json.loads(result.read_text()))
     print(f"PPO iteration, {params / 1e6:.1f}M-parameter Llama, vocabulary {a.vocab}, batch {a.batch_size}, "
           f"{a.new_tokens} new tokens, minibatches of 16")
-    print(f"{'setting':<22}{'peak RSS':>12}{'after load':>12}{'iteration':>12}{'seconds':>10}")
+    print(f"{'setting':<18}{'peak RSS':>12}{'after load':>12}{'after rollout':>15}{'iteration':>12}{'seconds':>10}")
     for r in results:
         name = "whole batch" if r["micro_batch_size"] is None else f"micro-batch {r['micro_batch_size']}"
-        print(f"{name:<22}{r['peak_mib']:>9.0f} MiB{r['peak_after_load_mib']:>8.0f} MiB"
+        print(f"{name:<18}{r['peak_mib']:>8.0f} MiB{r['peak_after_load_mib']:>8.0f} MiB{r['peak_after_rollout_mib']:>11.0f} MiB"
               f"{r['peak_mib'] - r['peak_after_load_mib']:>8.0f} MiB{r['seconds']:>10.1f}")
     whole, micro = results
     print(f"peak RSS ratio (whole / micro): {whole['peak_mib'] / micro['peak_mib']:.2f}x")

@@ -248,3 +248,17 @@ def test_reserved_pad_token_is_used_without_growing_the_embeddings(tiny_llama3):
 def test_gemma2_loads_with_the_default_attention(tiny_gemma2):
     model, _ = load_causal_lm(tiny_gemma2)  # transformers refuses sdpa for it: "auto" lets it choose
     assert model.config._attn_implementation == "eager"
+
+
+def test_lora_critic_trains_adapters_and_its_head_only(tiny_llama3, prompts, tmp_path):
+    rm_dir = save_rm(tiny_llama3, tmp_path / "rm", stats=(0.0, 1.0))
+    run = PPORun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / "out", lora={"enabled": True}))
+    trainable = [n for n, p in run.m.critic.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "score" in n for n in trainable)
+    assert sum(p.numel() for n, p in run.m.critic.named_parameters() if p.requires_grad) < \
+        sum(p.numel() for p in run.m.critic.parameters()) / 4
+    ro, _ = run.rollout()
+    before = {n: p.detach().clone() for n, p in run.m.critic.named_parameters()}
+    run.update(ro)
+    moved = {n for n, p in run.m.critic.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= set(trainable)

@@ -4,9 +4,10 @@ One iteration is a rollout (steps 1-5) and an update (step 6), numbered as in Op
 lm-human-preferences and its reproduction by Huang et al. 2023 ("The N Implementation Details of
 RLHF with PPO"):
 
-  1. generate a response per prompt (left-padded prompts, KV cache, sampling), cut after the first EOS;
+  1. generate a response per prompt (left-padded prompts, KV cache, sampling with the config's settings
+     only), cut after the first stop token;
   2. score (prompt, response) with the reward model at the last token; normalise; fixed score for
-     responses without EOS; clip;
+     responses without a stop token (or past the reward model's context); clip;
   3. log-probs of the policy and of the reference at the sampling temperature, in fp32, and the
      critic's values;
   4. per-token rewards: -kl_coef * KL_t on every token, the score on the last one, plus any extra
@@ -325,7 +326,8 @@ class PPORun:
         idx = self.prompts.batch(self.iteration, cfg.batch_size)
         torch.manual_seed(self._seed("rollout"))
 
-        # 1. Generate: left-padded prompts, KV cache, sampling; everything after the first EOS is padding.
+        # 1. Generate: left-padded prompts, KV cache, sampling with our settings only; everything after the
+        #    first stop token is padding.
         sampled = sample_responses(unwrap(m.policy), m.tok, [self.prompts.encoded[i] for i in idx], cfg.generation, self.stop,
                                    self.processor)
         input_ids, attention_mask, n_prompt = sampled.input_ids, sampled.attention_mask, sampled.n_prompt  # (B, T), (B, T), P
@@ -333,10 +335,12 @@ class PPORun:
         texts = [m.tok.decode(r[: int(n)], skip_special_tokens=True).strip() for r, n in zip(responses, mask.sum(1))]
         prompts = [self.prompts.texts[i] for i in idx]
 
-        # 2. Score at the last token; normalise with the stored statistics; fixed score without EOS; clip.
+        # 2. Score at the last token (the stop token, where the reward model was trained); normalise; a fixed
+        #    score without a stop token or past the reward model's context; clip.
         rm_scores, rm_std, scores, components = self._score(input_ids, attention_mask, idx, texts, ended)  # (B,) x3, {}
 
-        # 3. Log-probs of policy and reference (fp32, sampling temperature) and the critic's values.
+        # 3. Log-probs of policy and reference (fp32, sampling temperature, the causal LM's own logits) and the
+        #    critic's values, in micro-batches.
         logprobs, ref_logprobs, values, entropy = self._score_tokens(input_ids, attention_mask, n_prompt, responses, mask)
 
         # 4. Per-token rewards: -kl_coef * KL_t everywhere, the score (plus extra components) on the last token.
