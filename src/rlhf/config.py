@@ -37,7 +37,6 @@ def check_numbers(cfg: object, section: str, *, positive: tuple[str, ...] = (), 
                 raise ConfigError(f"{section}{name}: must be {text}, got {value}")
 
 
-
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by pretraining, SFT and the reward model."""
@@ -613,7 +612,8 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     """Recompute the policy's (and critic's) activations in the backward pass of the update: less memory, slower."""
     mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16 autocast for the update's forward passes (weights, log-prob ratios and the optimiser stay fp32)."""
+    """bf16 autocast for the policy, reference and critic forward passes of the rollout's scoring and of the update
+    (both, so that the ratios compare like with like; weights, log-probs and the optimiser stay fp32)."""
     critic: Literal["reward_model", "policy"] = "reward_model"
     """Value model: a copy of the reward model with its head read at every token (the standard), or a
     zero-initialised value head on the policy's own hidden states (one model less, shared features)."""
@@ -700,10 +700,9 @@ class PPOConfig:
                               "pass of the same tokens differ, so the ratio to the rollout's log-probs is noise")
 
     def validate(self) -> None:
-        for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "log_every", "ptx_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ppo.{name}: must be >= 1, got {getattr(self, name)}")
-        check_numbers(self, "ppo.", at_least_one=("n_prompts", "max_prompt_length", "micro_batch_size"), positive=("lr", "critic_lr"),
+        check_numbers(self, "ppo.", at_least_one=("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "log_every",
+                                                  "ptx_batch_size", "n_prompts", "max_prompt_length", "micro_batch_size"),
+                      positive=("lr", "critic_lr"),
                       non_negative=("warmup_iterations", "weight_decay", "vf_coef", "ent_coef", "approxkl_stop",
                                     "max_grad_norm", "reward_clip", "ensemble_penalty", "ptx_coef", "save_every"))
         if self.ptx_max_length < 2:

@@ -60,11 +60,8 @@ def clean_stale(out: str | Path) -> list[Path]:
         m = _TEMP.match(p.name)
         if not m or m["name"] != out.name or _pid_alive(int(m["pid"])):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        with contextlib.suppress(OSError):  # another run cleaning the same leftovers
+            remove_output(p)
         removed.append(p)
     return removed
 
@@ -98,10 +95,8 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+        with contextlib.suppress(OSError):  # the new output is in place; a leftover is cleaned next time
+            remove_output(old)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -156,9 +151,9 @@ def mark_stage(out: str | Path, stage: str) -> None:
 
 
 def marked(out: str | Path, stage: str) -> bool:
-    """The folder was claimed by ``stage`` (mark_stage) or holds its finished output."""
+    """The folder was claimed by ``stage`` (mark_stage)."""
     marker = read_json(Path(out) / MARKER)
-    return (isinstance(marker, dict) and marker.get("stage") == stage) or stage_done(out, stage) is not None
+    return isinstance(marker, dict) and marker.get("stage") == stage
 
 
 def json_with_keys(*keys: str) -> Callable[[Path], Literal["finished"] | None]:
@@ -267,9 +262,10 @@ def fingerprint(path: str | Path, *, whole_below: int = 64 << 20, sample: int = 
 
 
 def remove_output(path: str | Path) -> None:
-    """Delete a previous output of the stage (after check_out said "replace"), folder or file."""
+    """Delete a folder or file: a previous output of the stage (after check_out said "replace"), or what a
+    writer left behind; a link is removed, never what it points to."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    else:
+        path.unlink(missing_ok=True)

@@ -87,9 +87,9 @@ def report_control_rows(tok: PreTrainedTokenizerBase, n: int, total: int) -> Non
 def _shield(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> tuple[list[Message], list[str]]:
     """Messages with each control-token string in their content swapped for a placeholder, and the strings."""
     originals: list[str] = []
-    if not specials_as_text(tok) or not has_control_text(tok, (m["content"] for m in messages)):
-        return [dict(m) for m in messages], originals
-    pattern = _control_pattern(tok)
+    pattern = _control_pattern(tok) if specials_as_text(tok) else None
+    if pattern is None:
+        return list(messages), originals
 
     def swap(match: re.Match) -> str:
         originals.append(match.group(0))

@@ -26,6 +26,7 @@ import torch
 
 from rlhf.algos.reward import preference_accuracy
 from rlhf.config import EvalRMConfig, require
+from rlhf.configlib import ConfigError
 from rlhf.data.io import PreferenceExample, load_preferences, to_record
 from rlhf.evaluation.agreement import annotator_report, units_from_preferences
 from rlhf.fsutil import check_out, json_with_keys, write_json_atomic
@@ -125,7 +126,7 @@ def evaluate_reward_model(rm: RewardModel, pairs: Sequence[PreferenceExample], *
         scored = {"rewards": scored["rewards"][:, finite],
                   "responses": [t for t, f in zip(scored["responses"], finite.tolist()) if f]}
     if not pairs:
-        raise ValueError(f"no pair fits max_length={max_length}")
+        raise ConfigError(f"eval-rm: no pair has responses that fit max_length={max_length}; raise --max_length")
     rc, rr = chosen.mean(0), rejected.mean(0)  # (N,)
     right = (rc > rr).float() + 0.5 * (rc == rr).float()  # (N,)
     gold = _gold_agreement(pairs, rc, rr)

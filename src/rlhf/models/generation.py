@@ -44,15 +44,19 @@ def truncate_at_eos(ids: Sequence[int], eos_ids: set[int], pad_id: int | None) -
     return out, False
 
 
+def stop_token_ids(tok: PreTrainedTokenizerBase, generation_eos: int | Sequence[int] | None) -> set[int]:
+    """Every token that ends a response: the tokenizer's EOS and a generation config's EOS id or list."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif generation_eos:
+        ids.update(generation_eos)
+    return ids
+
+
 def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
     """Every token that ends a response: the tokenizer's EOS and the model's generation EOS list."""
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(gen_eos)
-    return ids
+    return stop_token_ids(tok, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
 
 
 class InverseCDFSampler(LogitsProcessor):
@@ -158,18 +162,18 @@ def sample_responses(model: PreTrainedModel, tok: PreTrainedTokenizerBase, promp
     Each generation batch is padded to its own longest prompt (one long prompt does not widen every batch);
     the rollout's tensors then share one width, left-padded further where needed."""
     device = next(model.parameters()).device
-    n_prompt = max(len(p) for p in prompts)
+    batch = {k: v.to(device) for k, v in pad_left(prompts, tok.pad_token_id).items()}  # (B, P)
     chunks = []
     for s in range(0, len(prompts), cfg.batch_size):
-        chunk = {k: v.to(device) for k, v in pad_left(prompts[s : s + cfg.batch_size], tok.pad_token_id).items()}  # (b, p)
-        chunks.append(sample_batch(model, tok, chunk, cfg, stop, logits_processor))
-    batch = {k: v.to(device) for k, v in pad_left(prompts, tok.pad_token_id).items()}  # (B, P)
+        p = max(len(x) for x in prompts[s : s + cfg.batch_size])  # the batch's own width: its leftmost columns are padding
+        chunks.append(sample_batch(model, tok, {k: v[s : s + cfg.batch_size, -p:] for k, v in batch.items()}, cfg, stop,
+                                   logits_processor))
     width = max(c.shape[1] for c in chunks)
     responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks])  # (B, A)
     mask, ended = response_mask(responses, stop)
     responses = responses.masked_fill(mask == 0, tok.pad_token_id)
     return Sampled(torch.cat([batch["input_ids"], responses], dim=1), torch.cat([batch["attention_mask"], mask], dim=1),
-                   n_prompt, responses, mask, ended)
+                   batch["input_ids"].shape[1], responses, mask, ended)
 
 
 @torch.no_grad()

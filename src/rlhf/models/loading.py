@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from rlhf.config import LoraConfig, ModelLoadConfig
 from rlhf.configlib import ConfigError
 from rlhf.data.chat import SPECIALS_ATTR, STOPS_ATTR
-from rlhf.models.generation import eos_ids
+from rlhf.models.generation import eos_ids, stop_token_ids
 from rlhf.models.tokenizer import CHAT_TEMPLATE, PAD
 
 log = logging.getLogger("rlhf.models")
@@ -86,21 +86,23 @@ def model_config(path: str | Path) -> dict | None:
 def folder_stop_ids(path: str | Path, tok: PreTrainedTokenizerBase) -> list[int]:
     """The stop tokens of a model folder read without its causal LM (a reward model's backbone): the
     tokenizer's EOS and the EOS ids of the folder's generation_config.json."""
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen = Path(path) / "generation_config.json"
-    eos = read_json_file(gen).get("eos_token_id") if gen.is_file() else None
-    ids |= set(eos) if isinstance(eos, list) else {eos} if isinstance(eos, int) else set()
-    return sorted(ids)
+    return sorted(stop_token_ids(tok, read_json_file(gen).get("eos_token_id") if gen.is_file() else None))
 
 
-def max_positions(path: str | Path) -> int | None:
-    """The longest sequence a model folder was built for (max_position_embeddings, GPT-2's n_positions, ...)."""
-    cfg = model_config(path) or {}
-    for section in (cfg, cfg.get("text_config") or {}):
+def positions_in(config: dict) -> int | None:
+    """The longest sequence a model config (as a dict) was built for: max_position_embeddings, GPT-2's
+    n_positions, ..., in the config or its text_config."""
+    for section in (config, config.get("text_config") or {}):
         for key in POSITION_KEYS:
             if isinstance(section.get(key), int) and section[key] > 0:
                 return section[key]
     return None
+
+
+def max_positions(path: str | Path) -> int | None:
+    """The longest sequence a model folder was built for, read from its config.json (no code runs)."""
+    return positions_in(model_config(path) or {})
 
 
 def check_length(path: str | Path | None, length: int, setting: str) -> None:
@@ -190,9 +192,7 @@ PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|e
 
 def reserved_pad(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> str | None:
     """A pad-like token the vocabulary already has (not EOS, not a stop token, inside the embeddings)."""
-    stop = {tok.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    stop = eos_ids(model, tok)
     vocab, rows = tok.get_vocab(), model.get_input_embeddings().weight.shape[0]
     for name in PAD_CANDIDATES:
         i = vocab.get(name)

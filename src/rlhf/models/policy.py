@@ -10,6 +10,7 @@ V vocabulary, H hidden size.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -40,8 +41,10 @@ def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return hidden[:, n_prompt - 1 : -1]  # (B, A, H)
 
 
-def _keeps_logits(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """The class's forward takes logits_to_keep (every causal LM in transformers 5 does); asked once per class."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
@@ -59,7 +62,7 @@ def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
         hook = backbone(model).register_forward_hook(keep)
     # logits_to_keep=A + 1: positions P - 1 ... T - 1; the last one predicts past the response and is dropped.
-    keep_arg = {"logits_to_keep": n_response + 1} if _keeps_logits(model) else {}
+    keep_arg = {"logits_to_keep": n_response + 1} if _keeps_logits(type(unwrap(model))) else {}
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                     use_cache=False, **keep_arg)

@@ -26,7 +26,7 @@ from rlhf.algos.core import last_token_index, position_ids_from_mask
 from rlhf.config import ModelLoadConfig
 from rlhf.data.chat import STOPS_ATTR, Encoded, Message, TooLong, encode_sft, specials_as_text
 from rlhf.models.loading import (check_model_dir, disable_dropout, ensure_pad_token, folder_stop_ids, from_pretrained,
-                                 load_tokenizer)
+                                 load_tokenizer, positions_in)
 from rlhf.models.policy import unwrap
 from rlhf.models.tokenizer import CHAT_TEMPLATE
 
@@ -166,7 +166,7 @@ class RewardModel:
         self.means = torch.tensor([float(getattr(m.config, "reward_mean", 0.0)) for m in members])  # (M,)
         self.stds = torch.tensor([float(getattr(m.config, "reward_std", 1.0)) for m in members])  # (M,)
         self.stored_normalisation = all(hasattr(m.config, "reward_mean") for m in members)
-        limits = [p for p in (_positions(m.config) for m in members) if p]
+        limits = [p for p in (positions_in(m.config.to_dict()) for m in members) if p]
         self.max_length = min(limits) if limits else None  # the longest sequence every member was built for
 
     @classmethod
@@ -244,14 +244,6 @@ def member_mean_std(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over members and their disagreement (std; zeros for one model): (M, B) -> (B,), (B,)."""
     std = rewards.std(dim=0, unbiased=False) if rewards.shape[0] > 1 else torch.zeros_like(rewards[0])
     return rewards.mean(dim=0), std
-
-
-def _positions(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def collate_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

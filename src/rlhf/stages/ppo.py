@@ -672,9 +672,10 @@ def check_ppo_out(cfg: PPOConfig) -> str:
     action = check_out(cfg.out, stage="ppo", kind="dir", inputs=inputs, state=ppo_state, overwrite=cfg.overwrite,
                        resume=cfg.resume)
     if action == "resume":
-        if not checkpoints(Path(cfg.out)):
+        found = checkpoints(Path(cfg.out))
+        if not found:
             raise ConfigError(f"ppo: --resume: {cfg.out} holds no checkpoint to continue from; pass --overwrite to start again")
-        last = max(checkpoints(Path(cfg.out)), key=checkpoint_step)
+        last = max(found, key=checkpoint_step)
         saved = json.loads((last / "state.json").read_text())
         if "config" not in saved:
             log.warning("%s records no settings (an older checkpoint): resuming without checking them", last)
@@ -769,8 +770,6 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
     run = PPORun(cfg, [*components, *safety_components(cfg.safety)])
     out = prepare_out(cfg, run, action)
     start, first = time.perf_counter(), run.iteration
-    if first == 0:  # alerts of an earlier attempt that died before its first checkpoint
-        (out / "alerts.jsonl").unlink(missing_ok=True)
     last: dict[str, float] = {}
     log.info("PPO: %d iterations of %d prompts (%d minibatches x %d epochs); critic: %s; reference: %s",
              cfg.iterations, cfg.batch_size, cfg.batch_size // cfg.mini_batch_size, cfg.ppo_epochs, cfg.critic,

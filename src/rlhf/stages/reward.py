@@ -55,18 +55,18 @@ def encode_pair(tok, ex: PreferenceExample, data: DataConfig, encoder: bool) -> 
     """Both sides of one pair, [chosen, rejected] (None where a response alone does not fit), with one prompt
     window: when the longer side needs its prompt cut, the shorter side's prompt is cut to the same tokens,
     so the two are judged on the same context. TooLong under truncation='error'."""
-    if data.truncation == "error":
-        for name, reply in (("chosen", ex.chosen), ("rejected", ex.rejected)):
-            try:
-                encode_reward_input(tok, ex.prompt, reply, data.max_length, encoder, "error")
-            except TooLong as e:
-                e.field = name if e.field == "completion" else "prompt"
-                raise
     replies = (ex.chosen, ex.rejected)
     full = [encode_reward_input(tok, ex.prompt, reply, 1 << 30, encoder) for reply in replies]
     longest = max(len(f.input_ids) for f in full)
     if longest <= data.max_length:
         return full
+    if data.truncation == "error":  # encode again under the limit only to say which part is too long
+        for name, reply in zip(("chosen", "rejected"), replies):
+            try:
+                encode_reward_input(tok, ex.prompt, reply, data.max_length, encoder, "error")
+            except TooLong as e:
+                e.field = name if e.field == "completion" else "prompt"
+                raise
     # Each side keeps max_length - (longest - its own length) tokens: the same prompt tokens on both sides.
     return [encode_reward_input(tok, ex.prompt, reply, data.max_length - (longest - len(f.input_ids)), encoder)
             for reply, f in zip(replies, full)]
