@@ -34,7 +34,7 @@ completions per optimiser step, generated in one ``generate`` call with the KV c
 What is timed: wall-clock from the end of step/iteration ``--warmup`` to the end of step ``--steps`` (ours:
 after ``run.step()`` returns; TRL: ``TrainerCallback.on_step_end``). samples/s = completions in those steps /
 that time (ours: = batch_size / (time/rollout + time/update), plus the few microseconds between iterations).
-Generation time is measured around ``sample_responses`` in ours and ``model.generate`` in TRL; the
+Generation time is measured around the rollout engine's ``generate`` in ours and ``model.generate`` in TRL; the
 "generation share" is its sum over the timed steps / the timed window.
 
 Each side runs ``--repeats`` times, rotating which side goes first; the table shows the best run per side;
@@ -62,7 +62,7 @@ KEY, UNIT = "samples_per_sec", "samples/s"
 PEERS = ("grpo", "rloo")
 DEFAULT_EPOCHS, DEFAULT_MINIBATCHES = 4, 4  # PPOConfig's defaults: 4 epochs, batch 64 in minibatches of 16
 FLAGS = ("steps", "warmup", "batch_size", "mini_batch_size", "num_generations", "max_new_tokens", "beta", "threads",
-         "lr", "seed", "sampler")  # options the parent passes to its workers
+         "lr", "seed", "sampler", "backend")  # options the parent passes to its workers
 
 # ----------------------------------------------------------------------------------------------------
 # Setup (parent process): prompts and the reward-model folder (the policy: common.build_model_dir)
@@ -139,7 +139,7 @@ def ppo_config(a: argparse.Namespace, out: str):
         policy=a.model, reward_model=a.reward_model, prompts=a.rows, out=out, iterations=a.steps, seed=a.seed,
         batch_size=a.batch_size, mini_batch_size=mini, ppo_epochs=epochs, lr=a.lr, kl=dict(coef=a.beta),
         generation=dict(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=a.max_new_tokens,
-                        batch_size=a.batch_size, sampler=a.sampler),
+                        batch_size=a.batch_size, sampler=a.sampler, backend=a.backend),
         missing_eos_score=None))
 
 
@@ -154,7 +154,7 @@ def ours_settings(run) -> dict:
             "mini_batch_size": cfg.mini_batch_size, "completions_per_iteration": cfg.batch_size,
             "generation_batch_size": cfg.generation.batch_size, "max_new_tokens": cfg.generation.max_new_tokens,
             "temperature": cfg.generation.temperature, "top_p": cfg.generation.top_p, "sampler": cfg.generation.sampler,
-            "kl_coef": cfg.kl.coef,
+            "engine": run.engine.name, "kl_coef": cfg.kl.coef,
             "optimizer": "torch.optim.AdamW (policy) + torch.optim.AdamW (critic)", "threads": torch.get_num_threads()}
 
 
@@ -162,9 +162,9 @@ def worker_ours(a: argparse.Namespace) -> dict:
     import rlhf.stages.ppo as ppo
 
     gen_times: list[float] = []
-    ppo.sample_responses = timed(ppo.sample_responses, gen_times)  # rollout step 1, looked up at call time
     with tempfile.TemporaryDirectory() as out_dir:
         run = ppo.PPORun(ppo_config(a, out_dir))
+        run.engine.generate = timed(run.engine.generate, gen_times)  # rollout step 1
         times, metrics = [], []
         t_start = time.perf_counter()
         for _ in range(a.steps):
@@ -364,8 +364,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (constant, no warmup; both sides)")
     p.add_argument("--ppo-defaults", action=argparse.BooleanOptionalAction, default=True,
                    help="also time ours with PPO's default 4 epochs x 4 minibatches")
-    p.add_argument("--sampler", choices=("multinomial", "inverse_cdf"), default="multinomial",
+    p.add_argument("--sampler", choices=("multinomial", "inverse_cdf"), default="inverse_cdf",
                    help="ours: generation.sampler (TRL always samples with torch.multinomial)")
+    p.add_argument("--backend", choices=("auto", "static", "hf"), default="auto",
+                   help="ours: generation.backend, the rollout engine (TRL samples with model.generate)")
     p.add_argument("--reward-model", help=argparse.SUPPRESS)
     add_quick(p, QUICK, argv)
     a = parse(p, argv)

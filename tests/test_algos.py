@@ -75,3 +75,22 @@ def test_early_stopping_keeps_the_best_weights():
     assert stops == [False, False, False, True]  # two validations without improvement
     best.restore(layer)
     assert torch.all(layer.weight == 1.0) and res.best_val_loss == 2.0  # the weights of the 2.0 validation
+
+
+def test_length_grouped_batches_cover_every_sample_once_with_less_padding():
+    import random
+
+    from rlhf.training import epoch_batches
+
+    lengths = [random.Random(i).randint(5, 60) for i in range(3000)]
+    plain = epoch_batches(len(lengths), 16, torch.Generator().manual_seed(0))
+    grouped = epoch_batches(len(lengths), 16, torch.Generator().manual_seed(0), lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches) / sum(lengths)
+
+    assert padding(grouped) < padding(plain) / 5
+    assert grouped != epoch_batches(len(lengths), 16, torch.Generator().manual_seed(1), lengths)  # still shuffled
+    sizes = [len(b) for b in grouped]
+    assert sizes.count(16) == len(grouped) - 1 or sizes.count(16) == len(grouped)

@@ -6,7 +6,9 @@ from transformers import LogitsProcessorList
 
 from rlhf.config import GenerationConfig
 from rlhf.fsutil import atomic_dir
-from rlhf.models.generation import InverseCDFSampler, generate, generate_kwargs, sampling_processors, truncate_at_eos
+from rlhf.rollout import generate, truncate_at_eos
+from rlhf.rollout.hf import generate_kwargs, sampling_processors
+from rlhf.rollout.sampling import InverseCDFSampler
 from rlhf.models.loading import load_causal_lm
 from rlhf.report.metrics import MetricsLogger, read_metrics
 
@@ -64,7 +66,7 @@ def test_sampling_processors_apply_temperature_and_top_p_before_sampling():
 
 def test_generate_kwargs_pick_the_decoding():
     assert generate_kwargs(GenerationConfig(do_sample=False)) == {"do_sample": False, "logits_processor": None}
-    multinomial = generate_kwargs(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
+    multinomial = generate_kwargs(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, sampler="multinomial"))
     assert multinomial["do_sample"] and (multinomial["temperature"], multinomial["top_p"], multinomial["top_k"]) == (0.7, 0.9, 0)
     steer = object()
     inverse = generate_kwargs(GenerationConfig(do_sample=True, sampler="inverse_cdf"), [steer])

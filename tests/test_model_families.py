@@ -21,7 +21,7 @@ from rlhf.algos.core import position_ids_from_mask
 from rlhf.config import GenerationConfig, PPOConfig, RewardConfig
 from rlhf.configlib import ConfigError, from_dict
 from rlhf.data.chat import encode_prompt, encode_sft, stop_ids
-from rlhf.models.generation import generate
+from rlhf.rollout import generate
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.policy import gather_logprobs, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, collate_sequences, encode_for_reward, load_reward_backbone
@@ -204,13 +204,18 @@ def test_micro_batched_rollout_and_update_equal_the_whole_batch(critic, tiny_lla
     for micro in (None, 3):
         run = PPORun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / f"out{micro}", micro_batch_size=micro,
                              critic=critic, mini_batch_size=8))
-        sizes = []  # the batch size of each forward pass of the policy (generation's excepted)
-        hook = run.m.policy.register_forward_pre_hook(lambda _m, _a, kw: sizes.append(len(kw["input_ids"])),
-                                                      with_kwargs=True)
+        shapes = {"policy": [], "reference": []}  # (rows, width) of each forward pass
+        hooks = [getattr(run.m, name).register_forward_pre_hook(
+            lambda _m, _a, kw, name=name: shapes[name].append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+            for name in shapes]
         ro, stats = run.rollout()
-        hook.remove()
-        if micro:  # the scoring passes after generation: micro-batches of 3
-            assert sizes[-3:] == [3, 3, 2]
+        for hook in hooks:
+            hook.remove()
+        scoring = {name: [rows for rows, width in s if width == ro.input_ids.shape[1]] for name, s in shapes.items()}
+        # the scoring passes over whole sequences: micro-batches of 3; the policy's only when a value head on it
+        # needs its hidden states (else the engine's log-probs stand in for its pass)
+        assert scoring["reference"] == ([3, 3, 2] if micro else [8])
+        assert scoring["policy"] == (scoring["reference"] if critic == "policy" else [])
         run.update(ro)
         results.append((ro, stats, {n: p.detach().clone() for n, p in run.m.policy.named_parameters()},
                         [p.detach().clone() for p in run.m.critic_parameters()]))

@@ -534,7 +534,7 @@ def test_collect_labels_policy_samples(tiny_llama, tmp_path, capsys):
 def test_mismatched_pairs_pit_a_prompts_answer_against_another_prompts(tiny_llama, tmp_path, monkeypatch):
     import random as _random
 
-    from rlhf.models.generation import Generation
+    from rlhf.rollout import Generation
     from rlhf.world import flawed_response, good_response, parse_prompt, prompt_set
 
     def reply(content: str, copy: int) -> str:  # the "policy": a good and a flawed answer to each prompt

@@ -10,7 +10,7 @@ import torch
 
 from rlhf.config import GenerationConfig, RedteamConfig
 from rlhf.configlib import ConfigError
-from rlhf.models.generation import generate
+from rlhf.rollout import generate
 from rlhf.models.loading import load_causal_lm
 from rlhf.safety.constitution import BannedPhrasesProcessor, load_constitution, resolve_constitution
 from rlhf.safety.redteam import (
@@ -111,14 +111,15 @@ def _teach(model, tok, prompt: str, reply: str, steps: int = 60) -> None:
     model.eval()
 
 
-def test_logits_processor_blocks_a_banned_phrase_the_model_would_write(tiny_llama):
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_logits_processor_blocks_a_banned_phrase_the_model_would_write(backend, tiny_llama):
     from transformers import LogitsProcessorList
 
     model, tok = load_causal_lm(tiny_llama)
     torch.manual_seed(0)
     _teach(model, tok, "Hello", "I can't help with that.")
     prompts = [[{"role": "user", "content": "Hello"}]]
-    cfg = GenerationConfig(max_new_tokens=12)
+    cfg = GenerationConfig(max_new_tokens=12, backend=backend)
     plain = generate(model, tok, prompts, cfg)[0].text
     assert "can't help" in plain
     processor = BannedPhrasesProcessor(tok, ["can't help"])

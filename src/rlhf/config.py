@@ -74,6 +74,10 @@ class TrainConfig:
     runs it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
+    group_by_length: bool = False
+    """Batch samples of similar length together (transformers' LengthGroupedSampler: the shuffled samples are cut
+    into groups of 50 batches, each sorted by length; the batches are then shuffled): far less padding for
+    variable-length samples, the same data each epoch. No effect on packed pretraining blocks."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
@@ -293,15 +297,25 @@ class GenerationConfig:
     """Sampling temperature (do_sample only)."""
     top_p: float = 1.0
     """Nucleus sampling mass (do_sample only)."""
-    sampler: Literal["multinomial", "inverse_cdf"] = "multinomial"
-    """How a token is drawn (do_sample only): multinomial (generate's own torch.multinomial) or inverse_cdf
-    (the same distribution from one uniform per row: much cheaper on CPU; a different random stream)."""
+    sampler: Literal["multinomial", "inverse_cdf"] = "inverse_cdf"
+    """How a token is drawn (do_sample only): inverse_cdf (one uniform per row, the CDF inverted in fp32: cheap
+    on CPU, and a row draws the same whichever rows share its batch) or multinomial (torch.multinomial, as
+    generate draws). The same distribution; different random streams."""
     batch_size: int = 64
     """Prompts per generation batch (left-padded)."""
+    backend: Literal["auto", "static", "hf"] = "auto"
+    """Rollout engine: static (our decode loop: preallocated KV cache, inline sampling, finished rows leave the
+    batch; returns each token's log-prob), hf (transformers' generate, the reference), auto (static where the
+    model's cache can be static, else hf)."""
+    compact: float = 0.25
+    """static engine: once this share of the decoding batch has stopped, the stopped rows leave it (0: at every
+    stop; 1: never)."""
 
     def validate(self) -> None:
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("generation: need temperature > 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
+        if not 0 <= self.compact <= 1:
+            raise ConfigError(f"generation.compact: must be in [0, 1], got {self.compact}")
 
 
 @dataclass

@@ -109,7 +109,24 @@ class Plan:
                    cfg.batch_size * cfg.grad_accum * processes)
 
 
-def _step_groups(n: int, cfg: TrainConfig, total: int, acc: Accelerator) -> Iterator[list[list[int]]]:
+GROUP_BATCHES = 50  # batches per length-sorted group (transformers' LengthGroupedSampler uses 50 too)
+
+
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator, lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """One epoch's micro-batches of sample indices, shuffled. With ``lengths``: the shuffled order is cut into
+    groups of GROUP_BATCHES batches, each group sorted by length (longest first) and cut into batches, and the
+    batches shuffled: batches of similar lengths (little padding) in a random order."""
+    order = torch.randperm(n, generator=gen).tolist()
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    group = GROUP_BATCHES * batch_size
+    order = [i for g in range(0, n, group) for i in sorted(order[g : g + group], key=lambda i: -lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def _step_groups(n: int, cfg: TrainConfig, total: int, acc: Accelerator, lengths: Sequence[int] | None = None
+                 ) -> Iterator[list[list[int]]]:
     """Sample indices for each optimiser step: ``grad_accum`` micro-batches, reshuffled every epoch.
 
     Each process takes every world-th micro-batch, so processes see disjoint data.
@@ -117,8 +134,7 @@ def _step_groups(n: int, cfg: TrainConfig, total: int, acc: Accelerator) -> Iter
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     while True:
-        order = torch.randperm(n, generator=gen).tolist()
-        batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)][acc.process_index :: acc.num_processes]
+        batches = epoch_batches(n, cfg.batch_size, gen, lengths)[acc.process_index :: acc.num_processes]
         for g in range(0, len(batches), cfg.grad_accum):
             if step >= total:
                 return
@@ -192,11 +208,13 @@ def fit(
     desc: str = "train",
     count_fn: Callable[[dict[str, torch.Tensor]], int] = count_units,
     validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> FitResult:
     """Train ``model`` in place; returns what happened. With early stopping the best weights are kept.
 
     Validation is the mean ``loss_fn`` over ``val_batches``, or ``validate(model)``: a dict of metrics
-    with at least "val/loss" (for stages that also measure, say, accuracy in the same pass).
+    with at least "val/loss" (for stages that also measure, say, accuracy in the same pass). ``lengths``: each
+    item's length in tokens, for ``cfg.group_by_length``.
     """
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
@@ -211,7 +229,7 @@ def fit(
     start = time.perf_counter()
     model.train()
     with progress_bar(desc, plan.total_steps, enabled=acc.is_main_process) as bar:
-        for group in _step_groups(len(train_items), cfg, plan.total_steps, acc):
+        for group in _step_groups(len(train_items), cfg, plan.total_steps, acc, lengths if cfg.group_by_length else None):
             batches = [collate([train_items[i] for i in b]) for b in group]
             res.train_loss, units = _accumulate_step(model, batches, loss_fn, count_fn, acc)
             res.units += units

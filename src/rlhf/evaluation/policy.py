@@ -19,11 +19,11 @@ from rlhf.data.io import load_prompts, write_jsonl_atomic
 from rlhf.evaluation.alignment_tax import load_texts, perplexity, world_heldout_text
 from rlhf.evaluation.diversity import Embedder, diversity_report
 from rlhf.fsutil import check_out, json_with_keys, write_json_atomic
-from rlhf.models.generation import Generation, eos_ids, generate, sample_responses
 from rlhf.models.loading import check_model_dir, load_causal_lm
 from rlhf.models.policy import gather_logprobs, response_logits
 from rlhf.models.reward import RewardModel, member_folders
 from rlhf.report.progress import progress_bar
+from rlhf.rollout import Generation, generate, make_engine
 from rlhf.safety.constitution import resolve_constitution
 from rlhf.world import RATES, judge, parse_prompt, prompt_set, summarise
 
@@ -259,14 +259,15 @@ def kl_to_reference(model_dir: str, reference_dir: str, prompts: Sequence[dict],
     policy, tok = load_causal_lm(model_dir, load)
     reference, _ = load_causal_lm(reference_dir, load)
     policy.eval(), reference.eval()
-    stop = eos_ids(policy, tok)
+    engine = make_engine(policy, tok, generation.backend)
     encoded = [encode_prompt(tok, p["prompt"]) for p in prompts]
     torch.manual_seed(seed)
     per_sequence = []
     with progress_bar("kl", len(encoded)) as bar:
         for start in range(0, len(encoded), generation.batch_size):
-            sampled = sample_responses(policy, tok, encoded[start : start + generation.batch_size], generation, stop)
-            kl = response_logprobs(policy, sampled, generation.temperature) - response_logprobs(reference, sampled, generation.temperature)
+            sampled = engine.generate(encoded[start : start + generation.batch_size], generation)
+            own = sampled.logprobs if sampled.logprobs is not None else response_logprobs(policy, sampled, generation.temperature)
+            kl = own - response_logprobs(reference, sampled, generation.temperature)
             per_sequence += kl.sum(dim=1).tolist()  # (B,)
             bar.update(advance=len(sampled.ended))
     return {"kl": sum(per_sequence) / len(per_sequence), "n_prompts": len(per_sequence), "model": str(model_dir),

@@ -1,6 +1,6 @@
 """Where the items come from: prompts + a policy (generated live), a file of pre-generated responses, gold pairs.
 
-Live generation reuses the pipeline's batched sampler (rlhf.models.generation.generate, as `rlhf
+Live generation reuses the pipeline's batched sampler (rlhf.rollout.generate, as `rlhf
 collect` does: each prompt repeated K times in one batched pass), optionally with the constitution's
 logits processor so that annotators never spend time on responses the constitution already bans.
 """
@@ -57,7 +57,7 @@ def _logits_processor(constitution: str | None, tok):
 
 def generate_candidates(cfg: AnnotateConfig, prompts: Sequence[Prompt]) -> list[list[str]]:
     """K sampled responses per prompt from cfg.policy, in batched passes; duplicates within a prompt removed."""
-    from rlhf.models.generation import generate
+    from rlhf.rollout import generate
     from rlhf.models.loading import load_causal_lm
 
     model, tok = load_causal_lm(cfg.policy, cfg.load)

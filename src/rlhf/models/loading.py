@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from rlhf.config import LoraConfig, ModelLoadConfig
 from rlhf.configlib import ConfigError
 from rlhf.data.chat import SPECIALS_ATTR, STOPS_ATTR
-from rlhf.models.generation import eos_ids, stop_token_ids
+from rlhf.rollout.common import eos_ids, stop_token_ids
 from rlhf.models.tokenizer import CHAT_TEMPLATE, PAD
 
 log = logging.getLogger("rlhf.models")

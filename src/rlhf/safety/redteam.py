@@ -253,7 +253,7 @@ def load_test_cases(path: str | Path) -> list[TestCase]:
 def attack_model(model_dir: str, attacks: Sequence[Attack], cfg, constitution: Constitution | None, desc: str) -> list[str]:
     """The model's replies to the attacks, with cfg's generation settings (an eval or redteam config);
     with cfg.steer, through the constitution's logits processor."""
-    from rlhf.models.generation import generate
+    from rlhf.rollout import generate
     from rlhf.models.loading import load_causal_lm
     from rlhf.report.progress import progress_bar
 

@@ -25,7 +25,7 @@ from rlhf.configlib import ConfigError, to_dict
 from rlhf.data.io import load_prompts, write_jsonl_atomic
 from rlhf.evaluation.agreement import annotator_report
 from rlhf.fsutil import check_out, read_json, write_json_atomic
-from rlhf.models.generation import generate
+from rlhf.rollout import generate
 from rlhf.models.loading import load_causal_lm
 from rlhf.report.progress import progress_bar
 from rlhf.world import annotator, judge, parse_prompt

@@ -57,12 +57,12 @@ from rlhf.data.chat import Encoded, count_control_rows, encode_prompt, encode_sf
 from rlhf.data.io import load_prompts, load_records, load_sft
 from rlhf.fsutil import (atomic_dir, check_out, fingerprint, mark_stage, marked, remove_output, stage_done,
                          write_json_atomic)
-from rlhf.models.generation import eos_ids, sample_responses
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, max_positions, save_model
 from rlhf.models.policy import ValueHead, gather_logprobs, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders, member_mean_std
 from rlhf.report.metrics import MetricsLogger
 from rlhf.report.progress import progress_bar
+from rlhf.rollout import Sampled, make_engine
 from rlhf.world import derive_seed, judge_prompt, parse_prompt
 
 log = logging.getLogger("rlhf.ppo")
@@ -302,7 +302,7 @@ class PPORun:
         self.device = PartialState().device
         self.m = load_models(cfg, self.device)
         self.prompts, self.world = load_prompt_stream(cfg, self.m.tok)
-        self.stop = eos_ids(unwrap(self.m.policy), self.m.tok)
+        self.engine = make_engine(unwrap(self.m.policy), self.m.tok, cfg.generation.backend)
         self.ptx = load_ptx(cfg, self.m.tok) if cfg.ptx_coef > 0 else []
         self.processor = steering(cfg, self.m.tok)
         policy_params = [p for p in self.m.policy.parameters() if p.requires_grad]
@@ -324,12 +324,11 @@ class PPORun:
     def rollout(self) -> tuple[Rollout, dict[str, float]]:
         cfg, m = self.cfg, self.m
         idx = self.prompts.batch(self.iteration, cfg.batch_size)
-        torch.manual_seed(self._seed("rollout"))
 
         # 1. Generate: left-padded prompts, KV cache, sampling with our settings only; everything after the
-        #    first stop token is padding.
-        sampled = sample_responses(unwrap(m.policy), m.tok, [self.prompts.encoded[i] for i in idx], cfg.generation, self.stop,
-                                   self.processor)
+        #    first stop token is padding. The static engine also returns each token's log-prob and entropy.
+        sampled = self.engine.generate([self.prompts.encoded[i] for i in idx], cfg.generation, self._seed("rollout"),
+                                       self.processor)
         input_ids, attention_mask, n_prompt = sampled.input_ids, sampled.attention_mask, sampled.n_prompt  # (B, T), (B, T), P
         responses, mask, ended = sampled.responses, sampled.mask, sampled.ended  # (B, A), (B, A), (B,)
         texts = [m.tok.decode(r[: int(n)], skip_special_tokens=True).strip() for r, n in zip(responses, mask.sum(1))]
@@ -341,7 +340,7 @@ class PPORun:
 
         # 3. Log-probs of policy and reference (fp32, sampling temperature, the causal LM's own logits) and the
         #    critic's values, in micro-batches.
-        logprobs, ref_logprobs, values, entropy = self._score_tokens(input_ids, attention_mask, n_prompt, responses, mask)
+        logprobs, ref_logprobs, values, entropy = self._score_tokens(sampled)
 
         # 4. Per-token rewards: -kl_coef * KL_t everywhere, the score (plus extra components) on the last token.
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl.estimator) * mask  # (B, A)
@@ -409,19 +408,28 @@ class PPORun:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16")
 
-    def _score_tokens(self, input_ids, attention_mask, n_prompt: int, responses, mask
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _score_tokens(self, sampled: Sampled) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Step 3 in micro-batches: policy and reference log-probs (B, A), the critic's values (B, A) and the
-        policy's mean entropy; a (b, A, V) logits tensor at a time, never the rollout's (B, A, V)."""
-        m, t = self.m, self.cfg.generation.temperature
-        logprobs, ref_logprobs, values, entropy = [], [], [], torch.zeros((), device=input_ids.device)
-        for part in self._micro_batches(len(input_ids)):
-            ids, am, tokens, mk = input_ids[part], attention_mask[part], responses[part], mask[part]
+        policy's mean entropy; a (b, A, V) logits tensor at a time, never the rollout's (B, A, V).
+
+        The policy's forward is skipped when the engine returned the log-probs and entropies (the static engine:
+        the same logits, read while sampling) and no value head needs the policy's hidden states."""
+        m, t, n_prompt, mask = self.m, self.cfg.generation.temperature, sampled.n_prompt, sampled.mask
+        # Under bf16 autocast the update's log-probs are bf16 ones: the rollout's must be too, so the policy runs.
+        from_engine = sampled.logprobs is not None and m.value_head is None and self.cfg.mixed_precision != "bf16"
+        logprobs, ref_logprobs, values, entropy = [], [], [], torch.zeros((), device=mask.device)
+        for part in self._micro_batches(len(mask)):
+            ids, am, tokens, mk = sampled.input_ids[part], sampled.attention_mask[part], sampled.responses[part], mask[part]
             with self._autocast():
-                logits, hidden = response_logits(m.policy, ids, am, n_prompt, t, with_hidden=m.value_head is not None)
-                logprobs.append(gather_logprobs(logits, tokens) * mk)  # (b, A)
-                entropy += masked_sum(entropy_from_logits(logits), mk)
-                del logits
+                hidden = None
+                if from_engine:
+                    logprobs.append(sampled.logprobs[part])
+                    entropy += masked_sum(sampled.entropy[part], mk)
+                else:
+                    logits, hidden = response_logits(m.policy, ids, am, n_prompt, t, with_hidden=m.value_head is not None)
+                    logprobs.append(gather_logprobs(logits, tokens) * mk)  # (b, A)
+                    entropy += masked_sum(entropy_from_logits(logits), mk)
+                    del logits
                 ref_logprobs.append(gather_logprobs(m.reference_logits(ids, am, n_prompt, t), tokens) * mk)
                 values.append(m.values(ids, am, n_prompt, hidden) * mk)
         return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), entropy / mask.sum().clamp(min=1)

@@ -243,7 +243,7 @@ def normalization_samples(cfg: RewardConfig, train: list[PreferenceExample]) -> 
     """(prompts, responses) to measure the reward scale on: fresh policy samples, or the data's responses."""
     rng = random.Random(cfg.train.seed)
     if cfg.normalize.policy:
-        from rlhf.models.generation import generate
+        from rlhf.rollout import generate
 
         prompts = [ex.prompt for ex in load_prompts(cfg.normalize.prompts)]
         prompts = [prompts[i % len(prompts)] for i in range(cfg.normalize.n)]
@@ -298,7 +298,7 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
         initial = validate(model) if validate else {}
         result = fit(model, train_pairs, collate, train_cfg, loss_fn=loss_fn, logger=logger, accelerator=acc,
                      desc=f"rm {index}" if cfg.ensemble > 1 else "rm", count_fn=lambda b: len(b["margin"]),
-                     validate=validate)
+                     validate=validate, lengths=[max(len(p.chosen), len(p.rejected)) for p in train_pairs])
         final = validate(acc.unwrap_model(model)) if validate else {}
     model = acc.unwrap_model(model)
     mean, std = reward_stats(model, tok, *norm_samples, cfg.data.max_length)

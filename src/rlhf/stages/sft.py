@@ -94,7 +94,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         with MetricsLogger(tmp, enabled=acc.is_main_process) as logger:
             initial_val = evaluate_loss(model, val_batches, lm_loss, acc.device) if val_batches else None
             result = fit(model, train, collate, cfg.train, loss_fn=lm_loss, val_batches=val_batches,
-                         logger=logger, accelerator=acc, desc="sft")
+                         logger=logger, accelerator=acc, desc="sft", lengths=[len(r.input_ids) for r in train])
         save_model(acc.unwrap_model(model), tok, tmp, lora_save=cfg.lora.save)
         summary = {
             "stage": "sft", "samples": len(train), "val_samples": len(val), "trainable_parameters": trainable,
