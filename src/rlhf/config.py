@@ -526,7 +526,8 @@ class RewardConfig:
     """Drop the labels of these annotators (the 'annotator' field) before training."""
     drop_flagged_annotators: bool = False
     """Drop the labels of annotators whose mean Cohen's kappa with the others on shared pairs is below 0.2
-    ("slight" agreement: what random clicking gets), measured on the training file."""
+    ("slight" agreement: what random clicking gets): as `rlhf collect` measured it (its FILE.stats.json beside
+    the training file, ties counted), else measured on the training file's pairs."""
     ensemble: int = 1
     """Members to train; each gets its own seed (train.seed + i) and, with bootstrap, its own resample."""
     bootstrap: bool = True

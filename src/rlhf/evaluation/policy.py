@@ -266,8 +266,8 @@ def kl_to_reference(model_dir: str, reference_dir: str, prompts: Sequence[dict],
     with progress_bar("kl", len(encoded)) as bar:
         for start in range(0, len(encoded), generation.batch_size):
             sampled = engine.generate(encoded[start : start + generation.batch_size], generation)
-            own = sampled.logprobs if sampled.logprobs is not None else response_logprobs(policy, sampled, generation.temperature)
-            kl = own - response_logprobs(reference, sampled, generation.temperature)
+            # Both sides from the same kind of forward (not the engine's log-probs): a model's KL to itself is then 0.
+            kl = response_logprobs(policy, sampled, generation.temperature) - response_logprobs(reference, sampled, generation.temperature)
             per_sequence += kl.sum(dim=1).tolist()  # (B,)
             bar.update(advance=len(sampled.ended))
     return {"kl": sum(per_sequence) / len(per_sequence), "n_prompts": len(per_sequence), "model": str(model_dir),

@@ -102,10 +102,10 @@ class FusedDecoder:
         h = F.embedding(token, self.embed)  # (b, H)
         for layer, kv in zip(self.layers, cache.layers):
             x = F.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
-            q, k, v = F.linear(x, *layer.qkv).split((nq, nkv, nkv), dim=-1)
-            q = self._rotate(q.view(b, self.heads, self.head_dim), cos, sin)
-            k = self._rotate(k.view(b, self.kv_heads, self.head_dim), cos, sin)
-            keys, values = kv.update(k.unsqueeze(2), v.view(b, self.kv_heads, 1, self.head_dim))  # (b, kv, T, D)
+            qkv = F.linear(x, *layer.qkv)  # (b, (heads + 2 kv) * D)
+            qk = self._rotate(qkv[:, : nq + nkv].view(b, self.heads + self.kv_heads, self.head_dim), cos, sin)  # one rotation
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            keys, values = kv.update(k.unsqueeze(2), qkv[:, nq + nkv :].view(b, self.kv_heads, 1, self.head_dim))  # (b, kv, T, D)
             scores = torch.matmul(q.view(b, self.kv_heads, g, self.head_dim), keys.transpose(-1, -2))  # (b, kv, g, T)
             weights = torch.softmax(scores * self.head_dim**-0.5 + bias, dim=-1)
             attn = torch.matmul(weights, values).reshape(b, nq)  # (b, heads * D)

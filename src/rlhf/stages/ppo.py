@@ -482,6 +482,9 @@ class PPORun:
         over response tokens)."""
         cfg, m = self.cfg, self.m
         n_tokens = ro.response_mask[idx].sum().clamp(min=1)
+        # Micro-batches of similar response lengths, each cut to its own width: less padding computed, and the
+        # same step (the gradients of all the minibatch's micro-batches are summed before it).
+        idx = idx[ro.response_mask[idx].sum(1).argsort(stable=True)]
         stats: dict[str, float] = {}
         for part in self._micro_batches(len(idx)):
             weight = ro.response_mask[idx[part]].sum() / n_tokens
@@ -506,13 +509,17 @@ class PPORun:
         mean over their response tokens; and the statistics."""
         cfg, m = self.cfg, self.m
         ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
-        width = int(mask.sum(1).max())  # drop response columns that are padding for all these rows
-        ids, am, mask = ids[:, : ro.n_prompt + width], am[:, : ro.n_prompt + width], mask[:, :width]
+        # Drop the columns that are padding for all these rows: response columns past the longest response, and
+        # prompt columns before the longest prompt (positions come from the mask, so nothing else changes).
+        width = int(mask.sum(1).max())
+        lead = int(am[:, : ro.n_prompt].any(dim=0).long().argmax())
+        n_prompt = ro.n_prompt - lead
+        ids, am, mask = ids[:, lead : ro.n_prompt + width], am[:, lead : ro.n_prompt + width], mask[:, :width]
         with self._autocast():
-            logits, hidden = response_logits(m.policy, ids, am, ro.n_prompt, cfg.generation.temperature,
+            logits, hidden = response_logits(m.policy, ids, am, n_prompt, cfg.generation.temperature,
                                              with_hidden=m.value_head is not None)  # (b, a, V), (b, a, H)
-            logprobs = gather_logprobs(logits, ids[:, ro.n_prompt :])
-            values = m.values(ids, am, ro.n_prompt, hidden)
+            logprobs = gather_logprobs(logits, ids[:, n_prompt :])
+            values = m.values(ids, am, n_prompt, hidden)
         pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
         vf_loss, vf = value_loss(values, ro.values[idx, :width], ro.returns[idx, :width], mask, cfg.cliprange_value)
         with torch.set_grad_enabled(cfg.ent_coef != 0):  # without a bonus it is a statistic: no backward through it

@@ -37,6 +37,7 @@ from rlhf.models.reward import (
     shared_prefix_rewards,
 )
 from rlhf.report.metrics import MetricsLogger
+from rlhf.stages.collect import stats_path
 from rlhf.training import fit, make_accelerator
 
 log = logging.getLogger("rlhf.rm")
@@ -223,13 +224,26 @@ def load_pairs(data: DataConfig, seed: int) -> tuple[list[PreferenceExample], li
     return train, val, skipped
 
 
+def collection_report(path: str | Path) -> dict | None:
+    """The agreement report ``rlhf collect`` wrote beside a preference file, if there is one. It counts the
+    annotators' ties, which the file's pairs leave out: a careful rater's ties are agreement, and a random
+    clicker never ties, so it is the sharper test."""
+    try:
+        report = json.loads(stats_path(path).read_text())["annotators"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report if isinstance(report, dict) and isinstance(report.get("flagged"), list) else None
+
+
 def filter_annotators(cfg: RewardConfig, train: list[PreferenceExample]) -> tuple[list[PreferenceExample], list[str]]:
     """Drop the labels of excluded annotators and, if asked, of those the agreement statistics flag."""
     dropped = set(cfg.exclude_annotators)
     if cfg.drop_flagged_annotators:
-        report = annotator_report(units_from_preferences(to_record(ex) for ex in train))
+        report, source = collection_report(cfg.data.path), f"{stats_path(cfg.data.path).name} (ties counted)"
+        if report is None:  # a file from elsewhere: the pairs' own labels, ties unseen
+            report, source = annotator_report(units_from_preferences(to_record(ex) for ex in train)), "the training pairs"
         dropped |= set(report["flagged"])
-        log.info("annotator agreement (mean kappa): %s; flagged: %s",
+        log.info("annotator agreement (mean kappa, from %s): %s; flagged: %s", source,
                  {k: None if v is None else round(v, 3) for k, v in report["mean_kappa"].items()}, report["flagged"] or "none")
     kept = [ex for ex in train if ex.annotator not in dropped]
     if dropped:
