@@ -4,8 +4,10 @@ Where ``generate`` spends a tiny model's decode step (a DynamicCache grown by co
 positions rebuilt, the processor and stopping-criteria lists, finished rows still computed), this loop
 spends it on the forward:
 
-- one preallocated KV cache (transformers' ``StaticCache``) for prompt + ``max_new_tokens``, one prefill,
-  then one-token steps; the attention mask (B, P + N) and the positions are built once and filled in;
+- one preallocated KV cache for prompt + ``max_new_tokens`` (``PreallocatedLayer``: written in place, read as
+  views of the filled positions), one prefill, then one-token steps; the attention mask (B, P + N) and the
+  positions are built once and filled in; for Llama-structured models the steps run fused
+  (``rlhf.rollout.fused``), for others through the model's own forward;
 - sampling inline, in fp32 (``rlhf.rollout.sampling``), in generate's order: steering processors on the raw
   logits, temperature, top-p, the draw; greedy is the argmax;
 - rows that have stopped leave the batch once ``compact`` of it has stopped (cache, mask and positions are
@@ -48,8 +50,9 @@ class PreallocatedLayer(CacheLayerMixin):
     """One layer's keys and values, (b, heads, L, head_dim) allocated at the first update; each update writes
     its positions in place and returns views of the filled part. Unlike transformers' StaticLayer, attention
     then runs over the positions filled so far, not all L (at P = 32, N = 64 that is half the work on
-    average); unlike its DynamicLayer, nothing is concatenated. A sliding-window layer keeps every position
-    too: the model's sliding-window mask (absolute positions, offset 0) leaves out the old ones."""
+    average); unlike its DynamicLayer, nothing is concatenated. A sliding-window layer (Gemma-2) keeps every
+    position too, and the model's sliding-window mask (absolute positions, offset 0) leaves out the old ones
+    (the tests' Gemma-2 windows are longer than their sequences)."""
 
     is_sliding = False
     is_compileable = False
@@ -85,8 +88,7 @@ class PreallocatedLayer(CacheLayerMixin):
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Drop the rows that ``keep`` (b,) leaves out (only the filled positions are copied)."""
         if self.is_initialized:
-            keys, values = self.keys[keep], self.values[keep]
-            self.keys, self.values = keys, values
+            self.keys, self.values = self.keys[keep], self.values[keep]
 
 
 def preallocated_cache(model: PreTrainedModel, max_cache_len: int) -> Cache:
