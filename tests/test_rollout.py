@@ -141,3 +141,31 @@ def test_logprobs_and_entropy_of_the_plain_softmax():
     p = torch.softmax(logits / 2.0, -1)
     assert lp.tolist() == pytest.approx([p[0, 2].log().item(), -torch.log(torch.tensor(3.0)).item()])
     assert ent.tolist() == pytest.approx((-(p * p.log()).sum(-1)).tolist())
+
+
+def test_fused_steps_of_a_lora_policy_sample_the_adapted_model(tiny_qwen2):
+    """The fused decode step reads W + the adapters' delta: its log-probs are those of the adapted model's forward,
+    and differ from the base model's (the adapters are not silently dropped)."""
+    from rlhf.config import LoraConfig
+    from rlhf.models.loading import apply_lora
+    from rlhf.models.policy import unwrap
+    from rlhf.rollout import fused
+
+    model, tok = load_causal_lm(tiny_qwen2)
+    model = apply_lora(model, LoraConfig(enabled=True, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # peft starts B at zero: make the adapters count
+    engine = make_engine(unwrap(model), tok, "static")
+    assert engine.fused
+    s = engine.generate(encoded(tok, 6), GenerationConfig(max_new_tokens=10, batch_size=6, do_sample=True), 2)
+    with torch.no_grad():
+        adapted = gather_logprobs(response_logits(model, s.input_ids, s.attention_mask, s.n_prompt, 1.0)[0], s.responses)
+        with model.disable_adapter():
+            base = gather_logprobs(response_logits(model, s.input_ids, s.attention_mask, s.n_prompt, 1.0)[0], s.responses)
+    assert (s.logprobs - adapted * s.mask).abs().max() < 1e-5
+    assert (s.logprobs - base * s.mask).abs().max() > 1e-2
+    assert fused.linear_weight(unwrap(model).model.layers[0].self_attn.q_proj)[0] is not \
+        unwrap(model).model.layers[0].self_attn.q_proj.base_layer.weight  # a copy: the trained weights untouched
