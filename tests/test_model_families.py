@@ -21,10 +21,10 @@ from rlhf.algos.core import position_ids_from_mask
 from rlhf.config import GenerationConfig, PPOConfig, RewardConfig
 from rlhf.configlib import ConfigError, from_dict
 from rlhf.data.chat import encode_prompt, encode_sft, stop_ids
-from rlhf.rollout import generate
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.policy import gather_logprobs, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, collate_sequences, encode_for_reward, load_reward_backbone
+from rlhf.rollout import generate
 from rlhf.stages.ppo import PPORun, score_head
 
 FAMILIES = ["tiny_llama3", "tiny_qwen2", "tiny_gemma2", "tiny_gpt2"]

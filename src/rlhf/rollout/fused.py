@@ -12,7 +12,7 @@ built again) around a few small matmuls. Here, for one new token per row:
 The weights are read from the model at construction (one copy per ``generate`` call, so a policy updated
 between rollouts is sampled as it now is). LoRA adapters count as merged: W + the adapters' delta, computed
 into the copy, the trained weights untouched. The prefill still runs the model's own forward, which fills the
-same cache. ``supports`` names the architectures; anything else keeps the model's forward for every step.
+same cache. ``supports_fused`` names the architectures; anything else keeps the model's forward for every step.
 Tested against the model's forward: greedy tokens and per-step log-probs (tests/test_rollout.py).
 """
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
-def supports(model: torch.nn.Module) -> bool:
+def supports_fused(model: torch.nn.Module) -> bool:
     """A Llama-structured decoder with SiLU MLPs and full attention in every layer (no sliding window in use)."""
     cfg = model.config
     return (type(model).__name__ in ARCHITECTURES and getattr(cfg, "hidden_act", None) == "silu"

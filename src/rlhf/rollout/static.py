@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
 
 from rlhf.config import GenerationConfig
 from rlhf.data.chat import pad_left
-from rlhf.rollout import fused
+from rlhf.rollout.fused import FusedDecoder, supports_fused
 from rlhf.rollout.common import Sampled, join_batches
 from rlhf.rollout.sampling import inverse_cdf_draw, logprobs_and_entropy, top_p_filter
 
@@ -103,7 +103,7 @@ class StaticEngine:
     def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, stop: set[int]):
         self.model, self.tok, self.stop = model, tok, stop
         self._stop = torch.tensor(sorted(stop), dtype=torch.long)
-        self.fused = fused.supports(model)  # decode steps in fused ops (Llama, Qwen2); else the model's forward
+        self.fused = supports_fused(model)  # decode steps in fused ops (Llama, Qwen2); else the model's forward
 
     def _draw(self, logits: torch.Tensor, seq: torch.Tensor, cfg: GenerationConfig, procs, uniforms: torch.Tensor,
               gen: torch.Generator) -> torch.Tensor:
@@ -137,7 +137,7 @@ class StaticEngine:
         live = torch.ones(B, dtype=torch.bool, device=device)  # (b,) has not stopped
         stop = self._stop.to(device)
         logits = self._forward(ids, mask, (prompt_mask.cumsum(dim=1) - 1).clamp(min=0), cache)
-        fast = fused.FusedDecoder(self.model, P + N) if self.fused else None
+        fast = FusedDecoder(self.model, P + N) if self.fused else None
         for t in range(N):
             uniforms = torch.rand(B, generator=gen, device=device)[rows]  # one per original row: compaction draws the same
             token = self._draw(logits, seq[:, : P + t], cfg, procs, uniforms, gen)  # (b,)

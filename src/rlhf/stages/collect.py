@@ -25,9 +25,9 @@ from rlhf.configlib import ConfigError, to_dict
 from rlhf.data.io import load_prompts, write_jsonl_atomic
 from rlhf.evaluation.agreement import annotator_report
 from rlhf.fsutil import check_out, read_json, write_json_atomic
-from rlhf.rollout import generate
 from rlhf.models.loading import load_causal_lm
 from rlhf.report.progress import progress_bar
+from rlhf.rollout import generate
 from rlhf.world import annotator, judge, parse_prompt
 
 log = logging.getLogger("rlhf.collect")
