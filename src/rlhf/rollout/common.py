@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.data.chat import pad_left
+
 
 @dataclass
 class Generation:
@@ -77,6 +79,18 @@ def response_mask(responses: torch.Tensor, stop: set[int]) -> tuple[torch.Tensor
     is_eos = torch.isin(responses, torch.tensor(sorted(stop), device=responses.device, dtype=responses.dtype))
     before_or_at_first_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0  # (B, A)
     return before_or_at_first_eos.long(), is_eos.any(dim=1)
+
+
+def generation_batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device
+                       ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The prompts left-padded to one width (B, P), and the generation batches of ``batch_size`` rows, each cut
+    to its own longest prompt (one long prompt does not widen every batch)."""
+    batch = {k: v.to(device) for k, v in pad_left(prompts, pad_id).items()}  # (B, P)
+    parts = []
+    for s in range(0, len(prompts), batch_size):
+        p = max(len(x) for x in prompts[s : s + batch_size])  # the leftmost columns beyond are padding
+        parts.append({k: v[s : s + batch_size, -p:] for k, v in batch.items()})
+    return batch, parts
 
 
 def join_batches(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, chunks: Sequence[torch.Tensor], pad_id: int,

@@ -10,8 +10,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
 
 from rlhf.config import GenerationConfig
-from rlhf.data.chat import pad_left
-from rlhf.rollout.common import Sampled, join_batches
+from rlhf.rollout.common import Sampled, generation_batches, join_batches
 from rlhf.rollout.sampling import InverseCDFSampler
 
 
@@ -76,10 +75,6 @@ class HFEngine:
                  logits_processor=None) -> Sampled:
         if seed is not None:
             torch.manual_seed(seed)
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in pad_left(prompts, self.tok.pad_token_id).items()}  # (B, P)
-        chunks = []
-        for s in range(0, len(prompts), cfg.batch_size):
-            p = max(len(x) for x in prompts[s : s + cfg.batch_size])  # the batch's own width
-            chunks.append(self._batch({k: v[s : s + cfg.batch_size, -p:] for k, v in batch.items()}, cfg, logits_processor))
+        batch, parts = generation_batches(prompts, cfg.batch_size, self.tok.pad_token_id, next(self.model.parameters()).device)
+        chunks = [self._batch(part, cfg, logits_processor) for part in parts]
         return join_batches(batch["input_ids"], batch["attention_mask"], chunks, self.tok.pad_token_id, self.stop)

@@ -7,19 +7,13 @@ logits processors (steering) on the raw logits, then temperature, then top-p, th
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, TopPLogitsWarper
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering like transformers' TopPLogitsWarper: keep the smallest set of most likely tokens whose
-    mass reaches top_p (at least one), -inf elsewhere. scores (b, V) -> (b, V)."""
-    if top_p >= 1.0:
-        return scores
-    sorted_scores, order = torch.sort(scores, descending=False)  # (b, V) ascending, as the warper does
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= (1 - top_p)
-    drop[:, -1] = False  # the most likely token always stays
-    return scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    """Nucleus filtering, transformers' TopPLogitsWarper itself (the smallest set of most likely tokens whose
+    mass reaches top_p, at least one; -inf elsewhere): (b, V) -> (b, V)."""
+    return scores if top_p >= 1.0 else TopPLogitsWarper(top_p)(None, scores)
 
 
 def inverse_cdf_draw(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

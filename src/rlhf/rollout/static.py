@@ -27,9 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
 
 from rlhf.config import GenerationConfig
-from rlhf.data.chat import pad_left
 from rlhf.rollout.fused import FusedDecoder, supports_fused
-from rlhf.rollout.common import Sampled, join_batches
+from rlhf.rollout.common import Sampled, generation_batches, join_batches
 from rlhf.rollout.sampling import inverse_cdf_draw, logprobs_and_entropy, top_p_filter
 
 
@@ -169,13 +168,10 @@ class StaticEngine:
         if seed is None:
             seed = int(torch.randint(2**62, (1,)))
         gen = torch.Generator(device=device).manual_seed(seed)
-        batch = {k: v.to(device) for k, v in pad_left(prompts, self.tok.pad_token_id).items()}  # (B, P)
-        chunks: list[tuple[torch.Tensor, ...]] = []
+        batch, parts = generation_batches(prompts, cfg.batch_size, self.tok.pad_token_id, device)
         with torch.inference_mode():
-            for s in range(0, len(prompts), cfg.batch_size):
-                p = max(len(x) for x in prompts[s : s + cfg.batch_size])
-                part = {k: v[s : s + cfg.batch_size, -p:] for k, v in batch.items()}
-                chunks.append(self._decode(part["input_ids"], part["attention_mask"], cfg, list(logits_processor or []), gen))
+            chunks = [self._decode(part["input_ids"], part["attention_mask"], cfg, list(logits_processor or []), gen)
+                      for part in parts]
         # Tensors made under inference_mode cannot enter autograd (PPO's update reads these): normal copies.
         tokens, logprobs, entropy = ([c[i].clone() for c in chunks] for i in range(3))
         return join_batches(batch["input_ids"], batch["attention_mask"], tokens, self.tok.pad_token_id, self.stop,
