@@ -1,4 +1,4 @@
-"""PPO iteration throughput: one iteration of ours (rlhf.stages.ppo.PPORun) against one training step of TRL's
+"""PPO iteration throughput: one iteration of ours (rlhf.stages.ppo.RLRun) against one training step of TRL's
 GRPOTrainer and RLOOTrainer (TRL has no PPO trainer any more), same model, batch and generation length.
 
     .venv/bin/python benchmarks/ppo_iteration.py                # 1m and 15m, 10 steps, 32 completions, 3 repeats
@@ -17,11 +17,14 @@ Sides, each in its own fresh Python process with ``torch.set_num_threads(--threa
 checkpointing, sampling at temperature 1 (top_p 1, no top-k) up to ``--max-new-tokens``, ``--batch-size``
 completions per optimiser step, generated in one ``generate`` call with the KV cache:
 
-  - ``ours``: ``PPORun.step()`` (``generation.sampler`` = ``--sampler``) with ``ppo_epochs=1`` and
+  - ``ours``: ``RLRun.step()`` (``generation.sampler`` = ``--sampler``) with ``ppo_epochs=1`` and
     ``mini_batch_size=--mini-batch-size`` (default: the whole batch, one optimiser step per model): rollout
     (1 generate, 2 reward-model score, 3 policy and reference log-probs and critic values, 4 per-token KL
     rewards, 5 GAE) and update (6: policy and critic
     forward/backward, clipping, two AdamW steps). One response to each of ``batch_size`` prompts.
+  - ``ours_grpo`` / ``ours_rloo``: our GRPO / RLOO (``ppo.algorithm``), the same loop without a critic,
+    ``batch_size / num_generations`` prompts x ``--num-generations`` completions, 1 epoch, ``--mini-batch-size``
+    minibatches: the same work per step as TRL's trainer of the same algorithm, which they are timed against.
   - ``ours4``: the same with PPO's usual defaults, 4 epochs x 4 minibatches (16 optimiser steps per model per
     iteration); more work per sample, shown for reference (``--no-ppo-defaults`` skips it).
   - ``grpo`` / ``rloo``: ``GRPOTrainer`` / ``RLOOTrainer`` with ``reward_funcs`` = the same reward-model folder
@@ -60,6 +63,7 @@ from common import (add_quick, build_model_dir, chosen_sizes, cycle_sample, make
 QUICK = dict(sizes="1m", steps=3, warmup=1, repeats=1)  # --quick: defaults for a smoke run (explicit options win)
 KEY, UNIT = "samples_per_sec", "samples/s"
 PEERS = ("grpo", "rloo")
+CRITIC_FREE = {"ours_grpo": "grpo", "ours_rloo": "rloo"}  # our side -> the algorithm, timed against TRL's trainer of it
 DEFAULT_EPOCHS, DEFAULT_MINIBATCHES = 4, 4  # PPOConfig's defaults: 4 epochs, batch 64 in minibatches of 16
 FLAGS = ("steps", "warmup", "batch_size", "mini_batch_size", "num_generations", "max_new_tokens", "beta", "threads",
          "lr", "seed", "sampler", "backend")  # options the parent passes to its workers
@@ -134,8 +138,10 @@ def ppo_config(a: argparse.Namespace, out: str):
     from rlhf.config import PPOConfig
     from rlhf.configlib import from_dict
 
-    epochs, mini = (1, a.mini_batch_size) if a.worker == "ours" else (DEFAULT_EPOCHS, a.batch_size // DEFAULT_MINIBATCHES)
+    epochs, mini = (DEFAULT_EPOCHS, a.batch_size // DEFAULT_MINIBATCHES) if a.worker == "ours4" else (1, a.mini_batch_size)
+    algorithm = CRITIC_FREE.get(a.worker, "ppo")
     return from_dict(PPOConfig, dict(
+        algorithm=algorithm, num_generations=a.num_generations if algorithm != "ppo" else 1,
         policy=a.model, reward_model=a.reward_model, prompts=a.rows, out=out, iterations=a.steps, seed=a.seed,
         batch_size=a.batch_size, mini_batch_size=mini, ppo_epochs=epochs, lr=a.lr, kl=dict(coef=a.beta),
         generation=dict(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=a.max_new_tokens,
@@ -150,12 +156,14 @@ def ours_settings(run) -> dict:
     return {"param_dtype": str(next(m.policy.parameters()).dtype), "mixed_precision": "no",
             "attn_implementation": m.policy.config._attn_implementation,
             "gradient_checkpointing": checkpointing(m.policy), "reference_model": m.reference is not None,
-            "critic": "reward-model copy" if m.critic is not None else "value head", "ppo_epochs": cfg.ppo_epochs,
+            "critic": "reward-model copy" if m.critic is not None else "value head" if m.value_head is not None else "none",
+            "algorithm": cfg.algorithm, "num_generations": cfg.num_generations, "ppo_epochs": cfg.ppo_epochs,
             "mini_batch_size": cfg.mini_batch_size, "completions_per_iteration": cfg.batch_size,
             "generation_batch_size": cfg.generation.batch_size, "max_new_tokens": cfg.generation.max_new_tokens,
             "temperature": cfg.generation.temperature, "top_p": cfg.generation.top_p, "sampler": cfg.generation.sampler,
-            "engine": run.engine.name, "kl_coef": cfg.kl.coef,
-            "optimizer": "torch.optim.AdamW (policy) + torch.optim.AdamW (critic)", "threads": torch.get_num_threads()}
+            "engine": run.experience.engine.name, "kl_coef": cfg.kl.coef,
+            "optimizer": "torch.optim.AdamW (policy)" + (" + torch.optim.AdamW (critic)" if m.has_critic else ""),
+            "threads": torch.get_num_threads()}
 
 
 def worker_ours(a: argparse.Namespace) -> dict:
@@ -163,8 +171,8 @@ def worker_ours(a: argparse.Namespace) -> dict:
 
     gen_times: list[float] = []
     with tempfile.TemporaryDirectory() as out_dir:
-        run = ppo.PPORun(ppo_config(a, out_dir))
-        run.engine.generate = timed(run.engine.generate, gen_times)  # rollout step 1
+        run = ppo.RLRun(ppo_config(a, out_dir))
+        run.experience.engine.generate = timed(run.experience.engine.generate, gen_times)  # rollout step 1
         times, metrics = [], []
         t_start = time.perf_counter()
         for _ in range(a.steps):
@@ -177,8 +185,10 @@ def worker_ours(a: argparse.Namespace) -> dict:
                update_seconds=sum(m["time/update"] for m in metrics[timed_steps]),
                completion_length=statistics.fmean(m["response/length"] for m in metrics),
                settings=ours_settings(run), prompt_tokens=run.prompts.encoded)
+    critic_free = a.worker in CRITIC_FREE
     want = {"param_dtype": "torch.float32", "mixed_precision": "no", "gradient_checkpointing": False,
-            "reference_model": True, "critic": "reward-model copy", "threads": a.threads}
+            "reference_model": True, "critic": "none" if critic_free else "reward-model copy", "threads": a.threads,
+            "num_generations": a.num_generations if critic_free else 1}
     check_settings(a.worker, out["settings"], want)
     return out
 
@@ -280,7 +290,7 @@ def worker_trl(a: argparse.Namespace) -> dict:
 
 
 def sides(a: argparse.Namespace) -> tuple[str, ...]:
-    return ("ours", "ours4", *PEERS) if a.ppo_defaults else ("ours", *PEERS)
+    return ("ours", *(("ours4",) if a.ppo_defaults else ()), *CRITIC_FREE, *PEERS)
 
 
 def bench_size(size: str, texts: list[str], a: argparse.Namespace, tmp: Path) -> dict:
@@ -304,6 +314,7 @@ def summarize(size: str, params: int, rm_params: int, runs: dict[str, list[dict]
     best = {s: max(runs[s], key=lambda x: x[KEY]) for s in runs}
     ours_prompts = {tuple(p) for p in best["ours"]["prompt_tokens"]}
     mine = [s for s in runs if s.startswith("ours")]
+    same_algorithm = {f"{o}/{p}": ratios(runs, KEY, o, p) for o, p in CRITIC_FREE.items()}
     return {
         "size": size, "params": params, "reward_params": rm_params, "batch_size": a.batch_size,
         "mini_batch_size": a.mini_batch_size, "num_generations": a.num_generations, "max_new_tokens": a.max_new_tokens,
@@ -311,6 +322,7 @@ def summarize(size: str, params: int, rm_params: int, runs: dict[str, list[dict]
         f"median_{KEY}": {s: statistics.median(x[KEY] for x in runs[s]) for s in runs},
         "runs": {s: [x[KEY] for x in runs[s]] for s in runs},
         "ratios": {f"{o}/{p}": ratios(runs, KEY, o, p) for o in mine for p in PEERS},
+        "same_algorithm_ratios": same_algorithm,
         "generation_share": {s: best[s]["generation_seconds"] / best[s]["timed_seconds"] for s in runs},
         "seconds_per_iteration": {s: ours_split(best[s], a) for s in mine},
         "completion_length": {s: best[s]["completion_length"] for s in runs},
@@ -319,6 +331,9 @@ def summarize(size: str, params: int, rm_params: int, runs: dict[str, list[dict]
         "same_prompt_tokens": all(tuple(p) in ours_prompts for s in PEERS for p in best[s]["prompt_tokens"]),
         "other_load": {s: [x["other_load"] for x in runs[s]] for s in runs},
         "target_met": best["ours"][KEY] >= best["grpo"][KEY],
+        # Issue targets for the same algorithm against TRL's trainer of it: 1.5x at ~1M parameters, 1.2x at ~15M.
+        "same_algorithm_target": 1.5 if params < 5e6 else 1.2,
+        "same_algorithm_target_met": {k: v["ratio"] >= (1.5 if params < 5e6 else 1.2) for k, v in same_algorithm.items()},
     }
 
 
@@ -347,11 +362,19 @@ def print_results(results: list[dict], a: argparse.Namespace) -> None:
               f"ours/RLOO {r['ratios']['ours/rloo']['median_ratio']:.2f}")
         print(f"{r['size']:>5}: target (ours >= GRPO samples/s): {'met' if r['target_met'] else 'NOT met'} "
               f"(ratio {r['ratios']['ours/grpo']['ratio']:.2f})")
+    for r in results:
+        same = r["same_algorithm_ratios"]
+        print(f"{r['size']:>5}: same algorithm, ours/TRL: " + ", ".join(
+            f"{k} {v['ratio']:.2f} (median {v['median_ratio']:.2f}; {r[KEY][k.split('/')[0]]:.1f} vs "
+            f"{r[KEY][k.split('/')[1]]:.1f} samples/s)" for k, v in same.items())
+              + f"; target {r['same_algorithm_target']}x: "
+              + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in r["same_algorithm_target_met"].items()))
     warn_other_load(results)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = make_parser(__doc__, batch_help="completions per optimiser step on every side", sides=("ours", "ours4", *PEERS),
+    p = make_parser(__doc__, batch_help="completions per optimiser step on every side",
+                    sides=("ours", "ours4", *CRITIC_FREE, *PEERS),
                     data_help="prompt file (any format load_prompts reads) instead of the synthetic questions",
                     steps_help="iterations (ours) / optimiser steps (TRL) per run", fit_options=False)
     p.set_defaults(steps=10, warmup=2, batch_size=32)

@@ -33,7 +33,7 @@ def worker(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     from rlhf.configlib import from_dict
     from rlhf.config import PPOConfig
-    from rlhf.stages.ppo import PPORun
+    from rlhf.stages.ppo import RLRun
 
     micro = None if a.worker == "whole" else a.micro_batch_size
     cfg = from_dict(PPOConfig, dict(
@@ -43,10 +43,10 @@ def worker(a: argparse.Namespace) -> dict:
     def peak() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
 
-    run = PPORun(cfg)
+    run = RLRun(cfg)
     loaded, start = peak(), time.perf_counter()
-    run.set_lr()
-    ro, stats = run.rollout()  # the iteration of PPORun.step, in its two halves
+    run.learner.set_lr(run.iteration)
+    ro, stats = run.rollout()  # the iteration of RLRun.step, in its two halves
     after_rollout = peak()
     run.update(ro)
     return {"setting": a.worker, "micro_batch_size": micro, "peak_after_load_mib": loaded,

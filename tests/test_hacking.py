@@ -213,7 +213,7 @@ def test_diversity_bonus_by_hand():
 
 
 def test_penalties_plug_into_ppo_reward_components():
-    from rlhf.stages.ppo import RewardComponent
+    from rlhf.rl.types import RewardComponent
 
     comps = [RewardComponent("length", length_penalty(3), 0.5), RewardComponent("repeat", repetition_penalty(), 1.0),
              RewardComponent("diverse", diversity_bonus(), 0.1)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from rlhf.models.loading import load_causal_lm
 from rlhf.models.policy import gather_logprobs, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, collate_sequences, encode_for_reward, load_reward_backbone
 from rlhf.rollout import generate
-from rlhf.stages.ppo import PPORun, score_head
+from rlhf.rl.models import score_head
+from rlhf.stages.ppo import RLRun
 
 FAMILIES = ["tiny_llama3", "tiny_qwen2", "tiny_gemma2", "tiny_gpt2"]
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -154,7 +156,7 @@ def prompts(tmp_path) -> Path:
 def test_critic_starts_in_normalised_units_and_first_ratio_is_one(family, request, prompts, tmp_path):
     folder = request.getfixturevalue(family)
     rm_dir = save_rm(folder, tmp_path / "rm", stats=(3.0, 0.5))  # raw scores around 3: far from the returns' units
-    run = PPORun(ppo_cfg(folder, rm_dir, prompts, tmp_path / "out"))
+    run = RLRun(ppo_cfg(folder, rm_dir, prompts, tmp_path / "out"))
     ro, _ = run.rollout()
     raw_head = unwrap(load_reward_backbone(rm_dir)[0]).score
     with torch.no_grad():
@@ -162,13 +164,13 @@ def test_critic_starts_in_normalised_units_and_first_ratio_is_one(family, reques
         want = ((raw_head(hidden).squeeze(-1) - 3.0) / 0.5) * ro.response_mask
     assert torch.allclose(ro.values, want, atol=1e-4)  # the critic's head is the normalised reward head
     assert score_head(run.m.critic).bias is not None
-    stats = run._minibatch(ro, torch.arange(4))
+    stats = run.learner.minibatch(ro, torch.arange(4))
     assert stats["policy/approxkl"] == pytest.approx(0.0, abs=1e-10) and stats["policy/clipfrac"] == 0.0
 
 
 def test_reward_model_without_statistics_is_normalised_on_the_first_rollout(tiny_llama3, prompts, tmp_path):
     rm_dir = save_rm(tiny_llama3, tmp_path / "rm")  # no reward_mean / reward_std, as a TRL or public RM
-    run = PPORun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / "out", batch_size=8, mini_batch_size=8))
+    run = RLRun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / "out", batch_size=8, mini_batch_size=8))
     assert not run.m.reward.normalized
     ro, _ = run.rollout()
     assert run.m.reward.normalized
@@ -188,11 +190,12 @@ def test_reward_model_with_its_own_short_context_gives_overlong_responses_the_mi
     cfg = GPT2Config(vocab_size=len(rtok) + 1, n_embd=32, n_layer=1, n_head=2, n_positions=24, num_labels=1)
     GPT2ForSequenceClassification(cfg).save_pretrained(rm_dir)
     rtok.save_pretrained(rm_dir)
-    run = PPORun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / "out", critic="policy", missing_eos_score=-7.0,
+    run = RLRun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / "out", critic="policy", missing_eos_score=-7.0,
                          normalize_reward=False, reward_clip=0.0))
     texts = ["Paris.", "a spider has 8 legs " * 6]  # the second is longer than 24 tokens alone
     ids = torch.ones(2, 4, dtype=torch.long)
-    scores = run._score(ids, torch.ones_like(ids), [0, 1], texts, torch.tensor([True, True]))[2]
+    sampled = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids), ended=torch.tensor([True, True]))
+    scores = run.experience._score(sampled, [0, 1], texts, [run.prompts.texts[i] for i in (0, 1)])[2]
     assert scores[1].item() == -7.0 and scores[0].item() != -7.0
     assert RewardModel.load(rm_dir).score([PROMPT, PROMPT], texts).isnan().tolist() == [False, True]
 
@@ -202,7 +205,7 @@ def test_micro_batched_rollout_and_update_equal_the_whole_batch(critic, tiny_lla
     rm_dir = save_rm(tiny_llama3, tmp_path / "rm", stats=(0.0, 1.0))
     results = []
     for micro in (None, 3):
-        run = PPORun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / f"out{micro}", micro_batch_size=micro,
+        run = RLRun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / f"out{micro}", micro_batch_size=micro,
                              critic=critic, mini_batch_size=8))
         shapes = {"policy": [], "reference": []}  # (rows, width) of each forward pass
         hooks = [getattr(run.m, name).register_forward_pre_hook(
@@ -257,7 +260,7 @@ def test_gemma2_loads_with_the_default_attention(tiny_gemma2):
 
 def test_lora_critic_trains_adapters_and_its_head_only(tiny_llama3, prompts, tmp_path):
     rm_dir = save_rm(tiny_llama3, tmp_path / "rm", stats=(0.0, 1.0))
-    run = PPORun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / "out", lora={"enabled": True}))
+    run = RLRun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / "out", lora={"enabled": True}))
     trainable = [n for n, p in run.m.critic.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "score" in n for n in trainable)
     assert sum(p.numel() for n, p in run.m.critic.named_parameters() if p.requires_grad) < \

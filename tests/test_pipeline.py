@@ -1,6 +1,7 @@
 """End to end on configs/tiny.yaml: world -> pretrain -> SFT -> collect -> RM -> PPO -> eval -> report, through the CLI; resume skips."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,29 @@ def test_seeds_experiment_reruns_ppo_and_reports_the_spread(tiny_run):
     # another seed trained another policy
     first, second = (load_file(tiny_run / d / "model.safetensors") for d in ("ppo", "seeds/seed_5/ppo"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_algorithms_experiment_trains_every_method_on_the_same_models(tiny_run):
+    assert main(["experiment", "algorithms", "--config", TINY, "--out", str(tiny_run), "--seeds", "0"]) == 0
+    result = json.loads((tiny_run / "algorithms" / "algorithms.json").read_text())
+    methods = result["methods"]
+    assert list(methods) == ["ppo", "grpo", "rloo", "reinforce_pp", "dpo", "best_of_16"]
+    # The run's own PPO is reused, and its row recomputed from the samples agrees with the pipeline's eval.
+    ppo_eval = json.loads((tiny_run / "eval" / "ppo.json").read_text())
+    assert methods["ppo"]["gold_score"] == pytest.approx(ppo_eval["gold_score"])
+    assert methods["ppo"]["win_rate"] == pytest.approx(ppo_eval["win_rate"])
+    assert methods["best_of_16"]["kl"] == pytest.approx(math.log(16) - 15 / 16)
+    for m in ("grpo", "rloo", "reinforce_pp"):
+        stage = json.loads((tiny_run / "algorithms" / m / "seed_0" / "stage.json").read_text())
+        assert stage["algorithm"] == m and stage["iterations"] == 3
+    assert json.loads((tiny_run / "algorithms" / "dpo" / "seed_0" / "stage.json").read_text())["stage"] == "dpo"
+    for row in methods.values():
+        assert sum(row["wins_ties_losses"]) == result["n_prompts"]
+    grpo = load_file(tiny_run / "algorithms" / "grpo" / "seed_0" / "model.safetensors")
+    ppo = load_file(tiny_run / "ppo" / "model.safetensors")
+    assert any(not torch.equal(grpo[k], ppo[k]) for k in ppo)
+    assert main(["report", str(tiny_run)]) == 0
+    assert "Algorithms side by side" in (tiny_run / "report.html").read_text()
 
 
 def test_pretrained_base_is_an_ordinary_hf_folder(tiny_run):

@@ -21,7 +21,8 @@ from rlhf.models.loading import load_causal_lm
 from rlhf.models.reward import load_reward_backbone
 from rlhf.report.metrics import read_metrics
 from rlhf.models.policy import response_logits
-from rlhf.stages.ppo import PPORun, RewardComponent, run_ppo
+from rlhf.rl.types import RewardComponent
+from rlhf.stages.ppo import RLRun, run_ppo
 
 PROMPTS = ["What is 3 + 4?", "Hello, Alice!", "List 3 fruits.", "The capital of France is", "A spider has"]
 
@@ -54,7 +55,7 @@ def ppo_config(policy, rm, prompts, out, **over) -> PPOConfig:
 
 
 def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(tiny_llama, flat_rm, prompt_file, tmp_path):
-    run = PPORun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", generation={"temperature": 0.7}))
+    run = RLRun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", generation={"temperature": 0.7}))
     ro, _ = run.rollout()
     # A fresh full forward of the unchanged policy, read the plain way: logits of every position, shifted.
     model = run.m.policy
@@ -65,7 +66,7 @@ def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(tiny_llam
     assert torch.allclose(fresh, ro.logprobs, atol=1e-5)
     # The reference is a copy of the same weights: KL 0, and a first minibatch with ratio exactly 1.
     assert torch.allclose(ro.ref_logprobs, ro.logprobs, atol=1e-6)
-    stats = run._minibatch(ro, torch.arange(4))
+    stats = run.learner.minibatch(ro, torch.arange(4))
     assert stats["policy/approxkl"] == pytest.approx(0.0, abs=1e-12)
     assert stats["policy/clipfrac"] == 0.0
     # Responses are cut after the first EOS and the mask covers a prefix of each row.
@@ -100,10 +101,50 @@ def test_ppo_raises_a_programmatic_reward_and_changes_the_weights(tiny_llama, fl
     assert json.loads((tmp_path / "out" / "stage.json").read_text())["stage"] == "ppo"
 
 
+@pytest.mark.parametrize("algorithm, k", [("grpo", 4), ("rloo", 4), ("reinforce_pp", 1)])
+def test_critic_free_algorithms_raise_a_programmatic_reward(algorithm, k, tiny_llama, flat_rm, prompt_file, tmp_path):
+    cfg = ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", algorithm=algorithm, num_generations=k,
+                     iterations=24, batch_size=16, mini_batch_size=8, generation={"max_new_tokens": 6, "batch_size": 16})
+    summary = run_ppo(cfg, [RewardComponent("lowercase", lowercase_share, weight=1.0)])
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert summary["algorithm"] == algorithm and len(rows) == 24
+    assert "val/loss" not in rows[-1] and ("policy/kl_loss" in rows[-1]) == (algorithm == "grpo")
+    reward = [r["reward/lowercase"] for r in rows]
+    # The same margin as PPO's test above: past the noise of two 4-iteration means.
+    assert sum(reward[-4:]) / 4 > sum(reward[:4]) / 4 + 0.08
+    before = load_file(str(tiny_llama / "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    state = load_file(str(tmp_path / "out" / "checkpoint-24" / "trainable.safetensors"))
+    assert not any(name.startswith("critic.") for name in state)  # no critic trained or saved
+
+
+def test_grouped_rollout_holds_k_samples_of_each_prompt_and_no_critic(tiny_llama, flat_rm, prompt_file, tmp_path):
+    run = RLRun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", algorithm="grpo", num_generations=4,
+                           generation={"temperature": 1.0}), [RewardComponent("lowercase", lowercase_share, weight=1.0)])
+    assert run.m.critic is None and run.m.value_head is None and run.learner.critic_opt is None
+    ro, _ = run.rollout()
+    assert ro.prompts == [run.prompts.texts[i] for i in run.prompts.batch(0, 2) for _ in range(4)]
+    assert len(set(ro.responses)) > 2  # K different samples, not K copies of one
+    # Each sample's advantage is its group-normalised score on every response token.
+    per_sample = ro.advantages.sum(1) / ro.response_mask.sum(1)
+    assert torch.allclose(per_sample.view(2, 4).mean(1), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(ro.advantages, per_sample[:, None] * ro.response_mask)
+    stats = run.learner.minibatch(ro, torch.arange(4), run.kl_ctl.value)
+    assert stats["policy/kl_loss"] == pytest.approx(0.0, abs=1e-6)  # the reference is the same weights
+
+
+def test_grouped_algorithms_need_several_samples_per_prompt(tiny_llama, flat_rm, prompt_file, tmp_path):
+    with pytest.raises(ConfigError, match="num_generations: rloo needs K >= 2"):
+        ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", algorithm="rloo")
+    with pytest.raises(ConfigError, match="multiple of ppo.num_generations"):
+        ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", algorithm="grpo", num_generations=3)
+
+
 def test_lora_ppo_keeps_base_weights_and_has_no_reference_copy(tiny_llama, flat_rm, prompt_file, tmp_path):
     cfg = ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", critic="policy", lr=1e-2,
                      lora={"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]})
-    run = PPORun(cfg, [RewardComponent("lowercase", lowercase_share, weight=1.0)])
+    run = RLRun(cfg, [RewardComponent("lowercase", lowercase_share, weight=1.0)])
     assert run.m.reference is None and run.m.critic is None  # one causal LM in memory: the policy
     base = {n: p.detach().clone() for n, p in run.m.policy.named_parameters() if "lora_" not in n}
     lora = {n: p.detach().clone() for n, p in run.m.policy.named_parameters() if "lora_" in n}
@@ -153,11 +194,14 @@ def _ppo_cmd(policy, rm, prompts, out, *extra) -> list[str]:
             "--generation.batch_size", "8", "--kl.coef", "0.05", "--kl.target", "0.5", "--kl.horizon", "50", *extra]
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_llama, flat_rm, prompt_file, tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(algorithm, tiny_llama, flat_rm, prompt_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "a"), env=env, capture_output=True, text=True)
+    extra = ["--algorithm", algorithm, "--num_generations", "4" if algorithm == "grpo" else "1"]
+    straight = subprocess.run(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "a", *extra), env=env,
+                              capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
-    proc = subprocess.Popen(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "b"), env=env,
+    proc = subprocess.Popen(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "b", *extra), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "b" / "checkpoint-4" / "state.json").is_file():
@@ -166,13 +210,14 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_llama, flat_r
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "b" / "stage.json").exists()
-    resumed = subprocess.run(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "b", "--resume"), env=env,
+    resumed = subprocess.run(_ppo_cmd(tiny_llama, flat_rm, prompt_file, tmp_path / "b", *extra, "--resume"), env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert not list((tmp_path / "b").glob(".*.tmp-*"))  # whatever the kill left half-written was cleaned up
     a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 9))
-    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/loss", "val/loss"):
+    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/loss",
+                "val/loss" if algorithm == "ppo" else "policy/kl_loss"):
         assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-4, abs=1e-6), key
     wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
@@ -188,7 +233,7 @@ def test_steered_rollouts_never_write_a_banned_word(tiny_llama, flat_rm, prompt_
     from collections import Counter
 
     def run(out, **over):
-        return PPORun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / out, batch_size=16,
+        return RLRun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / out, batch_size=16,
                                  generation={"batch_size": 16, "max_new_tokens": 12}, **over))
 
     def written(ro) -> list[int]:

@@ -232,7 +232,7 @@ def test_ppo_prompt_stream_mixes_in_red_team_attacks_with_the_configured_benign_
     from transformers import AutoTokenizer
 
     from rlhf.config import PPOConfig, SafetyConfig
-    from rlhf.stages.ppo import load_prompt_stream
+    from rlhf.rl.prompts import load_prompt_stream
     from rlhf.world.tasks import make_tasks
 
     prompts = tmp_path / "prompts.jsonl"

@@ -1,4 +1,5 @@
-"""`rlhf <command>`: world, pretrain, sft, collect, rm, ppo, eval, eval-rm, redteam, annotate, run, report.
+"""`rlhf <command>`: world, pretrain, sft, collect, rm, ppo (rl), dpo, bon, eval, eval-rm, redteam, annotate, run,
+report, experiment.
 
 Every training command takes ``--config FILE`` (a stage YAML, or a pipeline YAML whose section for
 the stage is used) and per-field overrides such as ``--train.lr 3e-4``. ``rlhf COMMAND --help``
@@ -16,7 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rlhf.config import (
+    BoNConfig,
     CollectConfig,
+    DPOConfig,
     EvalConfig,
     EvalRMConfig,
     PPOConfig,
@@ -118,6 +121,20 @@ def _cmd_ppo(ns: argparse.Namespace) -> None:
     _print_result(run_ppo(build_config(PPOConfig, ns, section="ppo", whole=RunConfig)))
 
 
+def _cmd_dpo(ns: argparse.Namespace) -> None:
+    from rlhf.stages.dpo import run_dpo
+
+    _print_result(run_dpo(build_config(DPOConfig, ns, section="dpo", whole=RunConfig)))
+
+
+def _cmd_bon(ns: argparse.Namespace) -> None:
+    from rlhf.evaluation.best_of_n import run_bon
+
+    result = run_bon(build_config(BoNConfig, ns))
+    for row in result["curve"]:
+        print(f"best-of-{row['n']:<3} KL {row['kl']:.3f}  RM {row['rm_score']:.3f}  gold {row['gold_score']}")
+
+
 def _cmd_report(ns: argparse.Namespace) -> None:
     from rlhf.report.html import build_report
     from rlhf.stages.pipeline import run_state
@@ -163,7 +180,11 @@ def _cmd_experiment(ns: argparse.Namespace) -> None:
         experiments.reward_hacking(cfg, length_weight=ns.length_weight, length_target=ns.length_target, kl_coef=ns.kl_coef,
                                    iterations=ns.iterations, lr=ns.lr)
     elif ns.experiment == "seeds":
-        experiments.ppo_seeds(cfg, ns.seeds)
+        experiments.ppo_seeds(cfg, ns.seeds or [1, 2])
+    elif ns.experiment == "algorithms":
+        from rlhf.stages.algorithms import compare_algorithms
+
+        compare_algorithms(cfg, ns.seeds or sorted({cfg.ppo.seed, 1}))
     else:
         experiments.ptx_alignment_tax(cfg, ptx_coef=ns.ptx_coef)
 
@@ -191,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("collect", "sample K responses per prompt from a policy and label the pairs with simulated annotators",
          CollectConfig, _cmd_collect),
         ("rm", "train a reward model (or an ensemble) on preference pairs", RewardConfig, _cmd_rm),
-        ("ppo", "PPO against a reward model with a KL penalty to the initial policy", PPOConfig, _cmd_ppo),
+        ("ppo", "online RL against a reward model with a KL penalty to the initial policy: PPO, or --algorithm grpo, "
+         "rloo, reinforce_pp", PPOConfig, _cmd_ppo),
+        ("rl", "the same as `ppo` (the online RL stage; --algorithm ppo|grpo|rloo|reinforce_pp)", PPOConfig, _cmd_ppo),
+        ("dpo", "DPO / IPO / cDPO on preference pairs against the frozen initial policy", DPOConfig, _cmd_dpo),
+        ("bon", "best-of-n: n samples per prompt, the reward model's first choice; gold score against analytic KL for "
+         "each n", BoNConfig, _cmd_bon),
         ("eval", "generate on held-out prompts and score with the gold judge", EvalConfig, _cmd_eval),
         ("eval-rm", "evaluate a reward model on preference pairs: accuracy, gold accuracy, calibration, length bias, "
          "annotator agreement", EvalRMConfig, _cmd_eval_rm),
@@ -231,10 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_experiment(sub) -> None:
     help_text = ("controlled experiments on a pipeline run: reward-hacking (RM on the length-biased annotator, PPO "
-                 "without and with the length penalty), alignment-tax (PPO with and without PPO-ptx) and seeds (PPO "
-                 "again with other seeds: the spread of the headline figures)")
+                 "without and with the length penalty), alignment-tax (PPO with and without PPO-ptx), seeds (PPO "
+                 "again with other seeds: the spread of the headline figures) and algorithms (PPO, GRPO, RLOO, "
+                 "REINFORCE++, DPO and best-of-16 on the same SFT model, reward model and prompts)")
     p = sub.add_parser("experiment", help=help_text, description=help_text)
-    p.add_argument("experiment", choices=["reward-hacking", "alignment-tax", "seeds"])
+    p.add_argument("experiment", choices=["reward-hacking", "alignment-tax", "seeds", "algorithms"])
     p.add_argument("--config", metavar="FILE", help="pipeline YAML (e.g. configs/demo.yaml); its stages run first when unfinished")
     p.add_argument("--length_weight", type=float, default=2.0, help="reward-hacking: weight of the length penalty in the second run")
     p.add_argument("--length_target", type=int, default=12, help="reward-hacking: words before the length penalty starts")
@@ -242,7 +269,9 @@ def _add_experiment(sub) -> None:
     p.add_argument("--iterations", type=int, default=120, help="reward-hacking: PPO iterations of both runs")
     p.add_argument("--lr", type=float, default=5e-5, help="reward-hacking: PPO learning rate of both runs")
     p.add_argument("--ptx_coef", type=float, default=1.0, help="alignment-tax: PPO-ptx loss weight")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds: PPO seeds to run besides the run's own")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds: PPO seeds to run besides the run's own (default 1 2); algorithms: the seeds of every "
+                        "method (default: the run's PPO seed and 1)")
     add_arguments(p, RunConfig)
     p.set_defaults(fn=_cmd_experiment)
 

@@ -554,6 +554,90 @@ class RewardConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (Rafailov et al. 2023): the policy trained on preference pairs against a frozen
+    reference, with no reward model and no sampling."""
+
+    policy: str | None = None
+    """The causal LM folder to train (by default the SFT model); its frozen copy is the reference."""
+    out: str | None = None
+    """Output folder: the trained policy as an ordinary model folder, metrics.jsonl, stage.json."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out` (nothing else is ever replaced)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.05))
+    """The preference file, read as `rlhf rm` reads it (prompt/chosen/rejected or messages; the same validation)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=5e-6, batch_size=16))
+    beta: float = 0.1
+    """KL strength: the implicit reward is beta * (log pi - log pi_ref) of a response."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta * margin). ipo: (margin - 1 / (2 beta))^2 on per-token mean log-ratios
+    (Azar et al. 2023), which does not push the margin to infinity on deterministic preferences."""
+    label_smoothing: float = 0.0
+    """cDPO (Mitchell 2023): the share of labels assumed flipped; the sigmoid loss becomes a mix of both
+    directions (sigmoid loss only)."""
+    share_prompt: bool = True
+    """Run a pair's prompt once and continue it with chosen and rejected from its KV cache (as `rlhf rm`):
+    the same log-probs up to float rounding. Off under gradient checkpointing."""
+    drop_flagged_annotators: bool = False
+    """Drop the labels of annotators flagged by the agreement statistics (as rm.drop_flagged_annotators)."""
+    exclude_annotators: list[str] = field(default_factory=list)
+    """Drop the labels of these annotators (the 'annotator' field) before training."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError("label_smoothing applies to loss_type sigmoid only (cDPO)")
+        if self.data.truncation == "right":
+            raise ConfigError("data.truncation: the responses are scored whole; use 'left' or 'error'")
+        if self.load.dtype != "float32" and not self.lora.enabled:
+            raise ConfigError(f"load.dtype={self.load.dtype!r} trains all weights in low precision; use float32 or enable lora")
+        if self.lora.enabled and self.lora.dropout > 0:
+            raise ConfigError(f"lora.dropout: must be 0 in DPO (got {self.lora.dropout}): the reference is the same "
+                              "weights with adapters off, and dropout would make the policy's log-probs noise")
+
+
+@dataclass
+class BoNConfig:
+    """Best-of-n: n samples per prompt, the one the reward model ranks first; the gold score for each n against the
+    analytic KL log n - (n - 1) / n of best-of-n to the policy (Stiennon et al. 2020; Gao et al. 2022)."""
+
+    policy: str | None = None
+    """The causal LM folder to sample from (by default the SFT model)."""
+    reward_model: str | None = None
+    """Reward model (or ensemble) folder that ranks the samples."""
+    out: str | None = None
+    """Output JSON file (a samples file for the largest n is written beside it)."""
+    overwrite: bool = False
+    """Replace an earlier output of this stage at `out`."""
+    prompts: str | None = None
+    """Prompt file (JSONL with 'prompt'); null: the world's held-out prompts generated with seed."""
+    n_prompts: int = 300
+    """Prompts to evaluate (balanced over families when generated)."""
+    ns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """The n to measure; the samples are drawn once for the largest, and best-of-n reads the first n of them."""
+    ensemble_penalty: float = 0.0
+    """With an ensemble: rank by mean - ensemble_penalty * std (a conservative score)."""
+    seed: int = 0
+    """Seed for prompt generation (the held-out set `rlhf eval` draws with the same seed)."""
+    sampling_seed: int | None = None
+    """Seed for sampling (null: seed): the first sample of each prompt is plain sampling with it."""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(do_sample=True))
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+
+    def validate(self) -> None:
+        check_numbers(self, "bon.", at_least_one=("n_prompts",), non_negative=("ensemble_penalty",))
+        if not self.ns or min(self.ns) < 1:
+            raise ConfigError(f"bon.ns: need one or more n >= 1, got {self.ns}")
+        if not self.generation.do_sample:
+            raise ConfigError("bon.generation.do_sample: best-of-n needs sampled responses (greedy gives n copies)")
+
+
+@dataclass
 class EvalRMConfig:
     """Reward-model evaluation on a preference file: accuracy, gold accuracy, calibration, length bias, agreement."""
 
@@ -602,7 +686,19 @@ class KLConfig:
 
 @dataclass
 class PPOConfig:
-    """Stage 3: PPO against the reward model with a KL penalty to the frozen initial policy."""
+    """Stage 3: online RL (PPO by default; GRPO, RLOO, REINFORCE++) against the reward model with a KL penalty to the
+    frozen initial policy."""
+
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    """ppo: a critic and GAE (the default). grpo: K samples per prompt, group-normalised scores, k3 KL as a loss term
+    (Shao et al. 2024). rloo: K samples per prompt, leave-one-out baseline, KL in the reward (Ahmadian et al. 2024).
+    reinforce_pp: per-token KL in the reward, advantages normalised over the batch (Hu 2025). The last three train
+    no critic."""
+    num_generations: int = 1
+    """K: samples per prompt in a rollout (adjacent rows), so a rollout is batch_size / K prompts; grpo and rloo
+    need K >= 2 (their baselines are the prompt's other samples)."""
+    scale_rewards: bool = True
+    """grpo: divide by the group's score std (false: Dr. GRPO, Liu et al. 2025, only the group mean is taken off)."""
 
     policy: str | None = None
     """The causal LM folder to optimise (by default the SFT model); a frozen copy of it is the reference."""
@@ -635,7 +731,7 @@ class PPOConfig:
     iterations: int = 100
     """PPO iterations: each is one rollout of batch_size prompts and ppo_epochs passes over it."""
     batch_size: int = 64
-    """Prompts per rollout (one response each)."""
+    """Samples per rollout: batch_size / num_generations prompts, num_generations responses each."""
     mini_batch_size: int = 16
     """Samples per optimiser step in the update; batch_size must be a multiple of it."""
     ppo_epochs: int = 4
@@ -661,7 +757,8 @@ class PPOConfig:
     lam: float = 0.95
     """GAE lambda: bias/variance trade-off of the advantages."""
     whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the rollout's response tokens."""
+    """ppo: normalise advantages to mean 0, std 1 over the rollout's response tokens (reinforce_pp always does;
+    grpo and rloo never: their group baselines are the normalisation)."""
     approxkl_stop: float = 0.0
     """Stop the update epochs early when a minibatch's approximate KL to the rollout policy exceeds this (0: off)."""
     max_grad_norm: float = 1.0
@@ -716,13 +813,19 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_numbers(self, "ppo.", at_least_one=("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "log_every",
-                                                  "ptx_batch_size", "n_prompts", "max_prompt_length", "micro_batch_size"),
+                                                  "num_generations", "ptx_batch_size", "n_prompts", "max_prompt_length", "micro_batch_size"),
                       positive=("lr", "critic_lr"),
                       non_negative=("warmup_iterations", "weight_decay", "vf_coef", "ent_coef", "approxkl_stop",
                                     "max_grad_norm", "reward_clip", "ensemble_penalty", "ptx_coef", "save_every"))
         if self.ptx_max_length < 2:
             raise ConfigError(f"ppo.ptx_max_length: must be >= 2, got {self.ptx_max_length}")
         self._refuse_off_policy_settings()
+        if self.algorithm in ("grpo", "rloo") and self.num_generations < 2:
+            raise ConfigError(f"ppo.num_generations: {self.algorithm} needs K >= 2 samples per prompt (its baseline is the "
+                              f"prompt's other samples), got {self.num_generations}")
+        if self.batch_size % self.num_generations:
+            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.num_generations "
+                              f"({self.num_generations}): a rollout holds whole groups")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
                               f"({self.mini_batch_size})")
@@ -751,5 +854,8 @@ class RunConfig:
     collect: CollectConfig = field(default_factory=CollectConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO on the reward model's preference file (not a stage of `rlhf run`; `rlhf dpo` and `rlhf experiment
+    algorithms` read it)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     redteam: RedteamConfig = field(default_factory=RedteamConfig)

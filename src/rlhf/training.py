@@ -209,12 +209,14 @@ def fit(
     count_fn: Callable[[dict[str, torch.Tensor]], int] = count_units,
     validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     lengths: Sequence[int] | None = None,
+    train_stats: Callable[[], dict[str, float]] | None = None,
 ) -> FitResult:
     """Train ``model`` in place; returns what happened. With early stopping the best weights are kept.
 
     Validation is the mean ``loss_fn`` over ``val_batches``, or ``validate(model)``: a dict of metrics
     with at least "val/loss" (for stages that also measure, say, accuracy in the same pass). ``lengths``: each
-    item's length in tokens, for ``cfg.group_by_length``.
+    item's length in tokens, for ``cfg.group_by_length``. ``train_stats()``: the loss's own statistics since its
+    last call, logged with the training loss.
     """
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
@@ -245,7 +247,8 @@ def fit(
             last = res.steps == plan.total_steps
             if logger and (res.steps % cfg.log_every == 0 or last):
                 logger.log(res.steps, **{"train/loss": sum(recent) / len(recent), "lr": sched.get_last_lr()[0],
-                                         "grad_norm": grad_norm, "tokens_per_sec": res.tokens_per_sec})
+                                         "grad_norm": grad_norm, "tokens_per_sec": res.tokens_per_sec,
+                                         **(train_stats() if train_stats else {})})
                 recent.clear()
             if (val_batches or validate) and (res.steps % plan.eval_every == 0 or last):
                 metrics = validate(model) if validate else {"val/loss": evaluate_loss(model, val_batches, loss_fn, acc.device)}

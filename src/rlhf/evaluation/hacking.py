@@ -6,7 +6,7 @@ favoured words, list and exclamation formatting. Each detector is a small pure f
 iteration statistics, compared with the first `baseline_iterations` (the policy before it had time to
 drift); `HackingMonitor` feeds them once per PPO iteration and reports each alert once.
 
-The penalty rewards have the signature of `rlhf.stages.ppo.RewardComponent.fn`:
+The penalty rewards have the signature of `rlhf.rl.types.RewardComponent.fn`:
 `fn(prompt_texts, responses) -> list[float]`, e.g.
 `RewardComponent("length", length_penalty(30), weight=0.5)`.
 """

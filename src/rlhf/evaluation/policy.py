@@ -271,4 +271,4 @@ def kl_to_reference(model_dir: str, reference_dir: str, prompts: Sequence[dict],
             per_sequence += kl.sum(dim=1).tolist()  # (B,)
             bar.update(advance=len(sampled.ended))
     return {"kl": sum(per_sequence) / len(per_sequence), "n_prompts": len(per_sequence), "model": str(model_dir),
-            "reference": str(reference_dir), "temperature": generation.temperature}
+            "reference": str(reference_dir), "temperature": generation.temperature, "per_sequence": per_sequence}

@@ -148,6 +148,7 @@ class Run:
     alerts: list[dict] | None = None  # ppo/alerts.jsonl, one row per detector firing; None when there is no file
     tax: dict | None = None  # alignment_tax.json (an experiment, may add ppo_ptx), else summary.json alignment_tax
     hacking_experiment: dict | None = None  # reward_hacking/reward_hacking.json
+    algorithms: dict | None = None  # algorithms/algorithms.json (`rlhf experiment algorithms`)
     problems: dict[str, str] = field(default_factory=dict)  # relative path -> "missing" / "unreadable: ..."
 
 
@@ -228,6 +229,8 @@ def _read_safety(run: Run) -> None:
     tax = tax if isinstance(tax, dict) else run.summary.get("alignment_tax")
     run.tax = tax if isinstance(tax, dict) and isinstance(tax.get("stages"), dict) else None
     run.hacking_experiment = _optional(run, "reward_hacking/reward_hacking.json")
+    algorithms = _optional(run, "algorithms/algorithms.json")
+    run.algorithms = algorithms if isinstance(algorithms, dict) and isinstance(algorithms.get("methods"), dict) else None
 
 
 # --- formatting ----------------------------------------------------------------------------------------------
@@ -605,6 +608,64 @@ def _overopt(run: Run) -> Html:
     proxy, gold = _series(both, "objective/scores")[1], _series(both, "objective/gold")[1]
     verdict = _tag("p", _overopt_verdict(steps, kl, proxy, gold), "verdict")
     return _section("overopt", title, _tag("p", intro, "note"), _overopt_png(kl, proxy, gold), verdict)
+
+
+ALGORITHM_COLUMNS = (("gold_score", "gold score", 1), ("win_rate", "win rate vs SFT", 1),
+                     ("win_rate_untied", "untied win rate", 1), ("harmful_compliance", "harmful compliance", -1),
+                     ("over_refusal", "over-refusal", -1), ("over_hedging", "over-hedging", -1), ("honesty", "honesty", 1),
+                     ("accuracy", "accuracy", 1), ("kl", "KL to SFT", 0), ("seconds", "seconds", -1))
+
+
+def _interval_cell(value: Any, ci: Any, bold: bool) -> Html:
+    text = _e(_fmt(_num(value)))
+    if bold:
+        text = Html(f'<b class="best">{text}</b>')
+    if isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+        text = Html(f'{text}<span class="sub">[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]</span>')
+    return text
+
+
+def _bon_png(curves: dict, metrics: list[dict]) -> Html:
+    """Best-of-n's gold score against sqrt of its analytic KL, beside PPO's rollout gold against sqrt KL."""
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot()
+        for seed, curve in curves.items():
+            pts = [(math.sqrt(max(_num(r.get("kl")) or 0.0, 0.0)), _num(r.get("gold_score")), r.get("n")) for r in curve
+                   if _num(r.get("gold_score")) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.4, label=f"best-of-n, seed {seed}")
+            for x, y, n in pts:
+                ax.annotate(f"n={n}", (x, y), fontsize=7, xytext=(2, 3), textcoords="offset points")
+        rows = [r for r in metrics if _num(r.get("objective/kl")) is not None and _num(r.get("objective/gold")) is not None]
+        if rows:
+            d = [math.sqrt(max(_num(r["objective/kl"]), 0.0)) for r in rows]
+            ax.plot(*_binned(d, [_num(r["objective/gold"]) for r in rows]), color=GOLD_COLOR, lw=1.8,
+                    label="PPO rollouts (training prompts)")
+        ax.set(xlabel="√KL to the SFT policy  [√nats]", ylabel="gold score (sampled, T=1)",
+               title="Gold score against distance from SFT: best-of-n and PPO")
+        ax.legend()
+
+    return _png(draw, "best-of-n and PPO gold score against sqrt KL", size=(7.5, 3.6))
+
+
+def _algorithms(run: Run) -> Html:
+    res = run.algorithms
+    if not res:
+        return Html("")
+    methods = res["methods"]
+    head = ["method", *(_arrow(label, better) for _, label, better in ALGORITHM_COLUMNS)]
+    best = {k: max((m.get(k) * better for m in methods.values() if _num(m.get(k)) is not None), default=None)
+            for k, _, better in ALGORITHM_COLUMNS if better}
+    rows = [[name, *(_interval_cell(row.get(k), (row.get("ci95") or {}).get(k),
+                                    bool(better) and _num(row.get(k)) is not None and row[k] * better == best[k])
+                     for k, _, better in ALGORITHM_COLUMNS)] for name, row in methods.items()]
+    intro = (f"Every method from the same SFT model and reward model, evaluated on the same "
+             f"{_fmt(res.get('n_prompts'))} held-out prompts by the gold judge, over seeds {res.get('seeds')}; 95% "
+             f"intervals pool the seeds' prompts. Online methods: {_fmt(res.get('samples_per_online_run'))} generated "
+             f"samples each. {res.get('notes', '')}")
+    parts = [_tag("p", intro, "note"), _table(head, rows, "num")]
+    if res.get("best_of_n_curve"):
+        parts.append(_bon_png(res["best_of_n_curve"], run.metrics))
+    return _section("algorithms", "Algorithms side by side", *parts)
 
 
 def _families_of(groups: Iterable[Iterable[Any]]) -> list[str]:
@@ -1028,7 +1089,8 @@ SECTIONS: tuple[tuple[str, str, Callable[[Run], Html]], ...] = (
     ("overopt", "Over-optimisation", _overopt), ("hacking", "Reward hacking", _hacking),
     ("rhexp", "Hacking experiment", _hacking_experiment), ("families", "Per family", _families),
     ("evaluation", "Policy evaluation", _policy_eval), ("tax", "Alignment tax", _alignment_tax),
-    ("redteam", "Red teaming", _redteam), ("rm", "Reward model", _reward_model), ("samples", "Samples", _samples),
+    ("algorithms", "Algorithms", _algorithms), ("redteam", "Red teaming", _redteam), ("rm", "Reward model", _reward_model),
+    ("samples", "Samples", _samples),
     ("config", "Configuration", _config))
 
 

@@ -39,6 +39,7 @@ import yaml
 from transformers import LogitsProcessor
 
 from rlhf.configlib import ConfigError
+from rlhf.rl.types import RewardComponent
 
 SEVERITY: dict[str, float] = {"low": 0.25, "medium": 0.5, "high": 1.0, "critical": 2.0}
 """How much a violation of each severity costs in the safety reward."""
@@ -178,10 +179,8 @@ class Constitution:
         """A `transformers` LogitsProcessor that keeps generation from writing the banned phrases."""
         return BannedPhrasesProcessor(tokenizer, self.banned_phrases, penalty=penalty, start_penalty=start_penalty)
 
-    def reward_component(self, weight: float = 1.0):
+    def reward_component(self, weight: float = 1.0) -> RewardComponent:
         """PPO's extra reward: minus the summed severity of the violated principles."""
-        from rlhf.stages.ppo import RewardComponent
-
         return RewardComponent("safety", lambda prompts, responses: [-self.penalty(p, r) for p, r in zip(prompts, responses)],
                                weight)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from rlhf.config import SafetyConfig
+from rlhf.evaluation import hacking
+from rlhf.rl.types import RewardComponent
+from rlhf.safety.constitution import resolve_constitution
 
 
-def safety_components(cfg: SafetyConfig) -> list:
+def safety_components(cfg: SafetyConfig) -> list[RewardComponent]:
     """RewardComponents for every term with a non-zero weight: safety, length, repetition, diversity."""
-    from rlhf.evaluation import hacking
-    from rlhf.safety.constitution import resolve_constitution
-    from rlhf.stages.ppo import RewardComponent
 
     out = []
     if cfg.safety_weight:

@@ -81,6 +81,9 @@ def stage_configs(cfg: RunConfig) -> RunConfig:
     cfg.ppo.prompts = cfg.ppo.prompts or str(world / "prompts_train.jsonl")
     cfg.ppo.out = cfg.ppo.out or str(root / "ppo")
     cfg.ppo.resume = True  # a run interrupted mid-PPO continues from its last checkpoint
+    cfg.dpo.policy = cfg.dpo.policy or cfg.sft.out
+    cfg.dpo.data.path = cfg.dpo.data.path or cfg.rm.data.path
+    cfg.dpo.out = cfg.dpo.out or str(root / "dpo")
     cfg.redteam.model = cfg.redteam.model or cfg.ppo.out
     cfg.redteam.against = cfg.redteam.against or cfg.pretrain.out
     cfg.redteam.out = cfg.redteam.out or str(root / "redteam")
