@@ -18,6 +18,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/sft_vs_trl.py
 	$(BIN)/python benchmarks/rm_vs_trl.py
+	$(BIN)/python benchmarks/dpo_vs_trl.py
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/ppo_iteration.py
 	$(BIN)/python benchmarks/ppo_memory.py

@@ -34,8 +34,9 @@ CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 class Checkpointer:
     """Saves and restores what the loop needs: trained tensors, optimisers, RNG, KL controller, normalisation."""
 
-    def __init__(self, cfg: PPOConfig, models: Models, optimisers: dict[str, torch.optim.Optimizer], kl_ctl):
-        self.cfg, self.m, self.optimisers, self.kl_ctl = cfg, models, optimisers, kl_ctl
+    def __init__(self, cfg: PPOConfig, models: Models, optimisers: dict[str, torch.optim.Optimizer], kl_ctl,
+                 device: torch.device):
+        self.cfg, self.m, self.optimisers, self.kl_ctl, self.device = cfg, models, optimisers, kl_ctl, device
         self.inputs = input_fingerprints(cfg)  # recorded in every checkpoint: a resume must read the same
 
     def _modules(self) -> dict[str, torch.nn.Module]:
@@ -73,7 +74,7 @@ class Checkpointer:
                 for name, tensor in state.items():
                     if name.startswith(prefix + "."):
                         params[name[len(prefix) + 1:]].copy_(tensor)
-        opt = torch.load(path / "optimizer.pt", weights_only=True, map_location=self.m.policy.device)
+        opt = torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device)
         for k, optimiser in self.optimisers.items():
             optimiser.load_state_dict(opt[k])
         rng = torch.load(path / "rng.pt", weights_only=True)

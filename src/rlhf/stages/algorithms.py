@@ -28,6 +28,7 @@ from rlhf.data.io import read_jsonl
 from rlhf.evaluation.best_of_n import best_of_n_kl, run_bon
 from rlhf.evaluation.policy import Z95, mean_interval, rate_intervals, run_eval
 from rlhf.fsutil import stage_done, write_json_atomic
+from rlhf.report.html import build_report
 from rlhf.stages.dpo import run_dpo
 from rlhf.stages.pipeline import run_pipeline, stage_configs, write_policy_kl
 from rlhf.stages.ppo import run_ppo
@@ -151,6 +152,7 @@ def compare_algorithms(cfg: RunConfig, seeds: list[int]) -> dict:
                         "KL analytic. Intervals pool every seed's held-out prompts.")}
     write_json_atomic(root / "algorithms.json", result)
     print_table(result)
+    build_report(cfg.out)  # its "Algorithms" section reads the file just written
     return result
 
 
@@ -165,4 +167,4 @@ def print_table(result: dict) -> None:
             v, ci = row.get(k), row["ci95"].get(k)
             cells.append("-" if v is None else f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
         table.add_row(method, *cells)
-    Console().print(table)
+    Console(width=max(Console().width, 200)).print(table)  # eleven columns with intervals: never cut

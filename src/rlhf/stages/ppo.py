@@ -25,7 +25,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from accelerate import PartialState
 
@@ -70,7 +69,7 @@ class RLRun:
         self.learner = Learner(cfg, self.m, self.algorithm, self.device,
                                load_ptx(cfg, self.m.tok) if cfg.ptx_coef > 0 else [], self._seed)
         self.kl_ctl = kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
-        self.checkpointer = Checkpointer(cfg, self.m, self.learner.optimisers(), self.kl_ctl)
+        self.checkpointer = Checkpointer(cfg, self.m, self.learner.optimisers(), self.kl_ctl, self.device)
         self.iteration = 0
 
     def _seed(self, purpose: str) -> int:
