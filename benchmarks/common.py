@@ -143,6 +143,29 @@ def trl_step_clock(settings: Callable | None = None):
     return StepClock()
 
 
+def trl_fit_args(a: argparse.Namespace, out_dir: str) -> dict:
+    """The TrainingArguments the supervised peers (SFT, reward model, DPO) share with our fit: fp32, no gradient
+    checkpointing (TRL turns both on by default), the same steps, batch, lr and schedule (cosine to 10%, no
+    warmup), clipping, seed, fit's sample order read sequentially; no logging, saving or evaluation."""
+    return dict(output_dir=out_dir, use_cpu=True, seed=a.seed, data_seed=a.seed, max_steps=a.steps,
+                per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1, learning_rate=a.lr,
+                lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0,
+                weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
+                train_sampling_strategy="sequential", dataloader_num_workers=0, logging_strategy="no",
+                logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none")
+
+
+def run_as_worker(a: argparse.Namespace, workers: dict[str, Callable[[argparse.Namespace], dict]]) -> bool:
+    """Set the thread count; in a worker process (``--worker SIDE``) run that side and write its result: True."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    if not a.worker:
+        return False
+    Path(a.result).write_text(json.dumps(workers[a.worker](a)))
+    return True
+
+
 def step_timing(times: list[float], counts: list[int], a: argparse.Namespace, t_start: float, unit: str = "tokens") -> dict:
     """``unit``/s over steps warmup+1..steps from end-of-step timestamps and per-batch counts of ``unit``."""
     if len(times) < a.steps or len(counts) < a.steps:

@@ -35,15 +35,14 @@ the medians are shown; ``other_load`` records CPU used by other processes during
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import (FIT_FLAGS, FitClock, build_model_dir, chosen_sizes, compare, make_parser, parse, print_table, run_repeats,
-                    run_worker, sample_order, step_timing, trl_step_clock, write_results)
+from common import (FIT_FLAGS, FitClock, add_quick, build_model_dir, chosen_sizes, compare, make_parser, parse,
+                    print_table, run_as_worker, run_repeats, run_worker, sample_order, step_timing, trl_fit_args,
+                    trl_step_clock, write_results)
 from rm_vs_trl import pairs_from_file, synthetic_pairs
 
 QUICK = dict(sizes="1m", steps=5, warmup=1, repeats=1)
@@ -97,16 +96,8 @@ def worker_trl(a: argparse.Namespace) -> dict:
     rows = read_jsonl(a.rows)
     dataset = Dataset.from_list([rows[i] for i in sample_order(len(rows), a.seed)])  # fit's order, read sequentially
     with tempfile.TemporaryDirectory() as out_dir:
-        args = DPOConfig(
-            output_dir=out_dir, use_cpu=True, seed=a.seed, data_seed=a.seed, max_steps=a.steps,
-            per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1, learning_rate=a.lr,
-            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0,
-            weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
-            beta=a.beta, loss_type=["sigmoid"], max_length=a.max_length, precompute_ref_log_probs=True,
-            precompute_ref_batch_size=a.batch_size, disable_dropout=True, train_sampling_strategy="sequential",
-            dataloader_num_workers=0, logging_strategy="no", logging_steps=10**6, save_strategy="no",
-            eval_strategy="no", report_to="none",
-        )
+        args = DPOConfig(**trl_fit_args(a, out_dir), beta=a.beta, loss_type=["sigmoid"], max_length=a.max_length,
+                         precompute_ref_log_probs=True, precompute_ref_batch_size=a.batch_size, disable_dropout=True)
 
         def settings(args, model):
             return {"bf16": args.bf16, "fp16": args.fp16, "mixed_precision": trainer.accelerator.mixed_precision,
@@ -159,24 +150,16 @@ def bench_size(size: str, rows: list[dict], a: argparse.Namespace, tmp: Path) ->
 def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser(__doc__, batch_help="preference pairs per optimiser step (2x as many sequences)",
                     data_help="preference file to use instead of the synthetic arithmetic set")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()) + " unless given")
+    add_quick(p, QUICK, argv)
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (both sides)")
     p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
                    help="ours: run both full sequences of a pair (dpo.share_prompt false) instead of the prompt once")
-    if "--quick" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(**QUICK)
     return parse(p, argv)
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(a.threads)
-    if a.worker:
-        out = (worker_ours if a.worker == "ours" else worker_trl)(a)
-        Path(a.result).write_text(json.dumps(out))
+    if run_as_worker(a, {"ours": worker_ours, "trl": worker_trl}):
         return
     n = a.batch_size * a.steps  # every pair is trained on exactly once, by both sides
     rows = pairs_from_file(a.data, n, a.seed) if a.data else synthetic_pairs(n, a.seed)

@@ -58,16 +58,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import (FitClock, answer_text, build_model_dir, chosen_sizes, compare, make_parser, parse, print_table, qa,
-                    question, run_repeats, run_worker, sample_order, step_timing, trl_step_clock, write_results)
+from common import (FitClock, add_quick, answer_text, build_model_dir, chosen_sizes, compare, make_parser, parse,
+                    print_table, qa, question, run_as_worker, run_repeats, run_worker, sample_order, step_timing,
+                    trl_fit_args, trl_step_clock, write_results)
 
 QUICK = dict(sizes="1m", steps=5, warmup=1, repeats=1)  # --quick: defaults for a smoke run (explicit options win)
 WRONG = (-10, -2, -1, 1, 2, 10)  # how far the rejected answer is off
@@ -187,16 +186,8 @@ def worker_trl(a: argparse.Namespace) -> dict:
     rows = read_jsonl(a.rows)
     dataset = Dataset.from_list([rows[i] for i in sample_order(len(rows), a.seed)])  # fit's order, read sequentially
     with tempfile.TemporaryDirectory() as out_dir:
-        args = RewardConfig(
-            output_dir=out_dir, use_cpu=True, seed=a.seed, data_seed=a.seed,
-            max_steps=a.steps, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
-            learning_rate=a.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-            warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            bf16=False, fp16=False, gradient_checkpointing=False,  # TRL turns both on by default
-            max_length=a.max_length, center_rewards_coefficient=None, disable_dropout=True,
-            train_sampling_strategy="sequential", dataloader_num_workers=0,
-            logging_strategy="no", logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none",
-        )
+        args = RewardConfig(**trl_fit_args(a, out_dir), max_length=a.max_length, center_rewards_coefficient=None,
+                            disable_dropout=True)
         batch_pairs: list[int] = []
         batch_tokens: list[int] = []
 
@@ -271,23 +262,15 @@ def bench_size(size: str, rows: list[dict], a: argparse.Namespace, tmp: Path) ->
 def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser(__doc__, batch_help="preference pairs per optimiser step (2x as many sequences per forward)",
                     data_help="preference file to use instead of the synthetic arithmetic set")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()) + " unless given")
+    add_quick(p, QUICK, argv)
     p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
                    help="ours: run both full sequences of a pair (rm.share_prompt false) instead of the prompt once")
-    if "--quick" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(**QUICK)
     return parse(p, argv)
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(a.threads)
-    if a.worker:
-        out = (worker_ours if a.worker == "ours" else worker_trl)(a)
-        Path(a.result).write_text(json.dumps(out))
+    if run_as_worker(a, {"ours": worker_ours, "trl": worker_trl}):
         return
     sizes = chosen_sizes(a)
     n = a.batch_size * a.steps  # every pair is trained on exactly once, by both sides

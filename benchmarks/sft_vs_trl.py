@@ -53,7 +53,6 @@ Fairness caveats: see benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
@@ -61,7 +60,8 @@ import time
 from pathlib import Path
 
 from common import (FitClock, build_model_dir, chosen_sizes, compare, make_parser, parse, print_table as _print_table,
-                    qa, run_repeats, run_worker, sample_order, step_timing, trl_step_clock, write_results)
+                    qa, run_as_worker, run_repeats, run_worker, sample_order, step_timing, trl_fit_args, trl_step_clock,
+                    write_results)
 
 # ----------------------------------------------------------------------------------------------------
 # Setup (parent process): data (the tokenizer and models: common.build_model_dir)
@@ -142,16 +142,8 @@ def worker_trl(a: argparse.Namespace) -> dict:
     rows = read_jsonl(a.rows)
     dataset = Dataset.from_list([rows[i] for i in sample_order(len(rows), a.seed)])  # fit's order, read sequentially
     with tempfile.TemporaryDirectory() as out_dir:
-        args = SFTConfig(
-            output_dir=out_dir, use_cpu=True, seed=a.seed, data_seed=a.seed,
-            max_steps=a.steps, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
-            learning_rate=a.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-            warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            bf16=False, fp16=False, gradient_checkpointing=False,  # TRL turns both on by default
-            max_length=a.max_length, packing=False, padding_free=False, completion_only_loss=True,
-            train_sampling_strategy="sequential", dataloader_num_workers=0,
-            logging_strategy="no", logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none",
-        )
+        args = SFTConfig(**trl_fit_args(a, out_dir), max_length=a.max_length, packing=False, padding_free=False,
+                         completion_only_loss=True)
         batch_tokens: list[int] = []
 
         def settings(args, model):  # what the peer actually ran with
@@ -218,12 +210,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(a.threads)
-    if a.worker:
-        out = (worker_ours if a.worker == "ours" else worker_trl)(a)
-        Path(a.result).write_text(json.dumps(out))
+    if run_as_worker(a, {"ours": worker_ours, "trl": worker_trl}):
         return
     sizes = chosen_sizes(a)
     n = a.batch_size * a.steps  # every sample is trained on exactly once, by both sides
