@@ -67,6 +67,17 @@ def test_best_of_one_is_plain_sampling_and_more_never_scores_lower(tiny_llama, r
     assert len(samples) == 12 and all("rm_score" in s for s in samples)
 
 
+def test_list_flags_of_numbers_are_numbers_and_of_names_stay_names():
+    from rlhf.cli import build_parser
+    from rlhf.configlib import build_config
+    from rlhf.config import DPOConfig
+
+    ns = build_parser().parse_args(["bon", "--ns", "1", "4", "16"])
+    assert build_config(BoNConfig, ns).ns == [1, 4, 16]
+    ns = build_parser().parse_args(["dpo", "--exclude_annotators", "no", "null"])  # names YAML would read as false, None
+    assert build_config(DPOConfig, ns).exclude_annotators == ["no", "null"]
+
+
 def test_best_of_n_needs_sampling():
     with pytest.raises(ConfigError, match="do_sample"):
         from_dict(BoNConfig, {"generation": {"do_sample": False}})

@@ -132,7 +132,8 @@ def _cmd_bon(ns: argparse.Namespace) -> None:
 
     result = run_bon(build_config(BoNConfig, ns))
     for row in result["curve"]:
-        print(f"best-of-{row['n']:<3} KL {row['kl']:.3f}  RM {row['rm_score']:.3f}  gold {row['gold_score']}")
+        gold = "-" if row["gold_score"] is None else f"{row['gold_score']:.3f}"
+        print(f"best-of-{row['n']:<3} KL {row['kl']:.3f}  RM {row['rm_score']:.3f}  gold {gold}")
 
 
 def _cmd_report(ns: argparse.Namespace) -> None:

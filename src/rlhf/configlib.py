@@ -223,8 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", 
             parser.add_argument(f"--{name}", dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         elif get_origin(tp) in (list, tuple):
+            numbers = all(a in (int, float) for a in get_args(tp) if a is not Ellipsis)  # list[int]: "4" is 4
             parser.add_argument(f"--{name}", dest=name, nargs="+", default=argparse.SUPPRESS,
-                                metavar="VALUE", help=help_text)
+                                type=_flag_value if numbers and get_args(tp) else str, metavar="VALUE", help=help_text)
         else:
             parser.add_argument(f"--{name}", dest=name, type=_flag_value, default=argparse.SUPPRESS,
                                 metavar=name.rsplit(".", 1)[-1].upper(), help=help_text)
