@@ -559,7 +559,7 @@ class DPOConfig:
     reference, with no reward model and no sampling."""
 
     policy: str | None = None
-    """The causal LM folder to train (by default the SFT model); its frozen copy is the reference."""
+    """The causal LM folder to train (by default the SFT model); as it is before training, it is the reference."""
     out: str | None = None
     """Output folder: the trained policy as an ordinary model folder, metrics.jsonl, stage.json."""
     overwrite: bool = False
@@ -729,7 +729,7 @@ class PPOConfig:
     """Value model: a copy of the reward model with its head read at every token (the standard), or a
     zero-initialised value head on the policy's own hidden states (one model less, shared features)."""
     iterations: int = 100
-    """PPO iterations: each is one rollout of batch_size prompts and ppo_epochs passes over it."""
+    """Iterations: each is one rollout of batch_size samples and ppo_epochs passes over it."""
     batch_size: int = 64
     """Samples per rollout: batch_size / num_generations prompts, num_generations responses each."""
     mini_batch_size: int = 16
@@ -813,7 +813,8 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_numbers(self, "ppo.", at_least_one=("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "log_every",
-                                                  "num_generations", "ptx_batch_size", "n_prompts", "max_prompt_length", "micro_batch_size"),
+                                                  "num_generations", "ptx_batch_size", "n_prompts", "max_prompt_length",
+                                                  "micro_batch_size"),
                       positive=("lr", "critic_lr"),
                       non_negative=("warmup_iterations", "weight_decay", "vf_coef", "ent_coef", "approxkl_stop",
                                     "max_grad_norm", "reward_clip", "ensemble_penalty", "ptx_coef", "save_every"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.algos.advantages import group_advantages, reinforce_pp_advantages, rloo_advantages, sequence_to_tokens
+from rlhf.algos import advantages as estimators
 from rlhf.algos.core import masked_mean
 from rlhf.algos.ppo import compute_gae, kl_penalty, per_token_rewards, sequence_kl, whiten
 from rlhf.config import PPOConfig
@@ -39,22 +39,23 @@ def ppo_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
 def grpo_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
     mask = ro.response_mask
     ro.rewards = per_token_rewards(ro.scores, torch.zeros_like(mask, dtype=torch.float), 0.0, mask)  # KL is in the loss
-    ro.advantages = sequence_to_tokens(group_advantages(ro.scores, cfg.num_generations, cfg.scale_rewards), mask)
+    group = estimators.group_advantages(ro.scores, cfg.num_generations, cfg.scale_rewards)  # (B,)
+    ro.advantages = estimators.sequence_to_tokens(group, mask)
 
 
-def rloo_advantages_of(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
+def rloo_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
     mask = ro.response_mask
     kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask  # (B, A)
     ro.rewards = per_token_rewards(ro.scores, kl, kl_coef, mask)
     reward = ro.scores - kl_coef * sequence_kl(kl, mask)  # (B,) the sequence's reward with its KL
-    ro.advantages = sequence_to_tokens(rloo_advantages(reward, cfg.num_generations), mask)
+    ro.advantages = estimators.sequence_to_tokens(estimators.rloo_advantages(reward, cfg.num_generations), mask)
 
 
-def reinforce_pp_advantages_of(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
+def reinforce_pp_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
     mask = ro.response_mask
     kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask
     ro.rewards = per_token_rewards(ro.scores, kl, kl_coef, mask)
-    ro.advantages = reinforce_pp_advantages(ro.rewards, mask, cfg.gamma)
+    ro.advantages = estimators.reinforce_pp_advantages(ro.rewards, mask, cfg.gamma)
 
 
 def no_kl_loss(logprobs, ref_logprobs, mask, kl_coef) -> torch.Tensor | None:
@@ -72,15 +73,14 @@ class Algorithm:
 
     name: str
     critic: bool  # trains a value model beside the policy (the clipped value loss joins the policy loss)
-    grouped: bool  # needs K >= 2 samples per prompt (num_generations)
     advantages: Callable[[Rollout, PPOConfig, float], None]  # steps 4-5: sets ro.rewards, ro.advantages (and returns)
     kl_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor | None]  # a KL loss term, or None
 
 
 ALGORITHMS = {
-    "ppo": Algorithm("ppo", critic=True, grouped=False, advantages=ppo_advantages, kl_loss=no_kl_loss),
-    "grpo": Algorithm("grpo", critic=False, grouped=True, advantages=grpo_advantages, kl_loss=k3_kl_loss),
-    "rloo": Algorithm("rloo", critic=False, grouped=True, advantages=rloo_advantages_of, kl_loss=no_kl_loss),
-    "reinforce_pp": Algorithm("reinforce_pp", critic=False, grouped=False, advantages=reinforce_pp_advantages_of,
+    "ppo": Algorithm("ppo", critic=True, advantages=ppo_advantages, kl_loss=no_kl_loss),
+    "grpo": Algorithm("grpo", critic=False, advantages=grpo_advantages, kl_loss=k3_kl_loss),
+    "rloo": Algorithm("rloo", critic=False, advantages=rloo_advantages, kl_loss=no_kl_loss),
+    "reinforce_pp": Algorithm("reinforce_pp", critic=False, advantages=reinforce_pp_advantages,
                               kl_loss=no_kl_loss),
 }
