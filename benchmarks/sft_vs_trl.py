@@ -107,7 +107,10 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from rlhf.training import fit, lm_loss
 
     model, tok = load_causal_lm(a.model)
-    items, _ = encode_examples(tok, list(load_sft(a.rows)), DataConfig(path=a.rows, max_length=a.max_length))
+    # The last assistant turn only, as TRL's completion_only_loss trains a prompt/completion row (an earlier turn of
+    # the prompt is context on both sides).
+    items, _ = encode_examples(tok, list(load_sft(a.rows)), DataConfig(path=a.rows, max_length=a.max_length,
+                                                                      assistant_turns="last"))
     cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, grad_accum=1, lr=a.lr, weight_decay=0.0,
                       warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0, log_every=1,
                       seed=a.seed, mixed_precision="no", gradient_checkpointing=False)
