@@ -265,9 +265,15 @@ def fit(
 def _accumulate_step(model, group, loss_fn: LossFn, count_fn, acc: Accelerator) -> tuple[float, int]:
     """Forward/backward over one optimiser step's micro-batches, weighted by their scored units.
 
-    Returns the step's mean loss and its number of scored units."""
+    The weights are shares of the step's units over every process (all-reduced), times the number of processes
+    because DDP averages the gradients: N processes x batch b take the step 1 process x N*b takes, whatever
+    each process's share of the scored tokens. Returns the step's mean loss and its number of scored units, both
+    over all processes."""
     counts = [count_fn(b) for b in group]
-    total_units = max(sum(counts), 1)
+    total_units = float(sum(counts))
+    if acc.num_processes > 1:
+        total_units = acc.reduce(torch.tensor(total_units, device=acc.device), "sum").item()
+    total_units = max(total_units, 1.0)
     loss_value = 0.0
     for i, (batch, n) in enumerate(zip(group, counts)):
         batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -275,10 +281,12 @@ def _accumulate_step(model, group, loss_fn: LossFn, count_fn, acc: Accelerator) 
         ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
         with ctx, acc.autocast():
             loss, _ = loss_fn(model, batch)
-            scaled = loss * (n / total_units)
-            acc.backward(scaled)
-        loss_value += scaled.item()
-    return loss_value, sum(counts)
+            share = loss * (n / total_units)  # this micro-batch's part of the step's mean loss
+            acc.backward(share * acc.num_processes)
+        loss_value += share.item()
+    if acc.num_processes > 1:
+        loss_value = acc.reduce(torch.tensor(loss_value, device=acc.device), "sum").item()
+    return loss_value, int(total_units)
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
