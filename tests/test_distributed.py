@@ -38,3 +38,26 @@ def test_two_processes_of_b_equal_one_process_of_2b(tiny_llama, tmp_path):
     initial = load_file(str(tiny_llama / "model.safetensors"))
     assert any(not torch.equal(wa[k], initial[k]) for k in initial)  # it trained
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_sft_stage_under_two_processes_equals_one_process(tiny_llama, tmp_path):
+    data = write_sft_file(tmp_path / "sft.jsonl", n=64)
+
+    def sft(out: Path, batch: int, launcher: list[str]) -> None:
+        run([*launcher, "rlhf.cli", "sft", "--model", str(tiny_llama), "--data.path", str(data), "--out", str(out),
+             "--data.max_length", "64", "--train.max_steps", "4", "--train.batch_size", str(batch), "--train.lr",
+             "1e-3", "--train.warmup_ratio", "0", "--train.schedule", "constant"])
+
+    sft(tmp_path / "one", 8, [sys.executable, "-m"])
+    sft(tmp_path / "two", 4, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"])
+    one, two = (json.loads((tmp_path / d / "stage.json").read_text()) for d in ("one", "two"))
+    assert one["steps"] == two["steps"] == 4
+    assert abs(one["val_loss"] - two["val_loss"]) < 1e-5
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # One folder, one metrics file with each step once, no temporary leftovers. (That the other process wrote nothing
+    # is not observable from here: its writes would land on the same files.)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == sorted(set(steps)) and steps

@@ -71,6 +71,18 @@ def _temp_prefix(path: Path, kind: str) -> str:
 
 
 @contextlib.contextmanager
+def main_process_dir(out: str | Path, is_main: bool) -> Iterator[Path]:
+    """``atomic_dir(out)`` on the main process; on the others a scratch folder that is thrown away. A stage's code
+    then reads the same under several processes, and only the main process writes ``out``."""
+    if is_main:
+        with atomic_dir(out) as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix="rlhf-rank-") as tmp:
+            yield Path(tmp)
+
+
+@contextlib.contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out`` by rename, on error it is removed.
 

@@ -15,7 +15,7 @@ from rlhf.config import DataConfig, SFTConfig, require
 from rlhf.configlib import to_dict
 from rlhf.data.chat import Encoded, TooLong, count_control_rows, encode_sft, pad_right, report_control_rows
 from rlhf.data.io import DataError, SFTExample, load_sft
-from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
+from rlhf.fsutil import check_out, main_process_dir, write_json_atomic
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.report.metrics import MetricsLogger
 from rlhf.training import evaluate_loss, fit, lm_loss, make_accelerator
@@ -90,7 +90,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("SFT on %d samples (%d validation); %.2fM trainable parameters", len(train), len(val), trainable / 1e6)
     model.to(acc.device)
-    with atomic_dir(cfg.out) as tmp:
+    with main_process_dir(cfg.out, acc.is_main_process) as tmp:  # several processes: the main one writes
         with MetricsLogger(tmp, enabled=acc.is_main_process) as logger:
             initial_val = evaluate_loss(model, val_batches, lm_loss, acc.device) if val_batches else None
             result = fit(model, train, collate, cfg.train, loss_fn=lm_loss, val_batches=val_batches,
@@ -106,4 +106,5 @@ def run_sft(cfg: SFTConfig) -> dict:
             "seconds": result.seconds, "config": to_dict(cfg),
         }
         write_json_atomic(Path(tmp) / "stage.json", summary)
+    acc.wait_for_everyone()  # no process returns before the folder is in place
     return summary
