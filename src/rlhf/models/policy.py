@@ -42,9 +42,15 @@ def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
 
 @functools.cache
-def _keeps_logits(model_class: type) -> bool:
+def keeps_logits(model_class: type) -> bool:
     """The class's forward takes logits_to_keep (every causal LM in transformers 5 does); asked once per class."""
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def cache_kwarg(module: torch.nn.Module, cache) -> dict:
+    """``{name: cache}`` for ``module``'s forward: transformers 5 calls the argument ``cache``, earlier versions
+    ``past_key_values`` (an unknown name would be swallowed by ``**kwargs`` and the cache silently not filled)."""
+    return {"cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values": cache}
 
 
 def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
@@ -62,7 +68,7 @@ def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
         hook = backbone(model).register_forward_hook(keep)
     # logits_to_keep=A + 1: positions P - 1 ... T - 1; the last one predicts past the response and is dropped.
-    keep_arg = {"logits_to_keep": n_response + 1} if _keeps_logits(type(unwrap(model))) else {}
+    keep_arg = {"logits_to_keep": n_response + 1} if keeps_logits(type(unwrap(model))) else {}
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                     use_cache=False, **keep_arg)

@@ -13,7 +13,6 @@ disagreement (standard deviation; 0 for a single model). Each folder's config ca
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from rlhf.config import ModelLoadConfig
 from rlhf.data.chat import STOPS_ATTR, Encoded, Message, TooLong, encode_sft, specials_as_text
 from rlhf.models.loading import (check_model_dir, disable_dropout, ensure_pad_token, folder_stop_ids, from_pretrained,
                                  load_tokenizer, positions_in)
-from rlhf.models.policy import unwrap
+from rlhf.models.policy import cache_kwarg, unwrap
 from rlhf.models.tokenizer import CHAT_TEMPLATE
 
 log = logging.getLogger("rlhf.models")
@@ -96,8 +95,7 @@ def shared_prefix_rewards(model: PreTrainedModel, prefix_ids: torch.Tensor, pref
     base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
     cache = DynamicCache(config=base.config)
-    # transformers 5.x renamed `past_key_values` to `cache`; an unknown name would be silently swallowed.
-    cache_arg = {"cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values": cache}
+    cache_arg = cache_kwarg(backbone, cache)
     backbone(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids_from_mask(prefix_mask),
              use_cache=True, **cache_arg)
     if cache.get_seq_length() != prefix_ids.shape[1]:

@@ -13,7 +13,6 @@ model's shared-prompt forward does). Shapes: B pairs, P prompt tokens (left-padd
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from rlhf.data.chat import IGNORE_INDEX, TooLong, encode_sft, pad_left
 from rlhf.data.io import DataError, PreferenceExample
 from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
-from rlhf.models.policy import gather_logprobs, response_logits, unwrap
+from rlhf.models.policy import keeps_logits, cache_kwarg, gather_logprobs, response_logits, unwrap
 from rlhf.models.reward import collate_sequences
 from rlhf.report.metrics import MetricsLogger
 from rlhf.stages.reward import filter_annotators, load_pairs
@@ -105,12 +104,6 @@ def collate_dpo(pairs: list[DPOPair], pad_id: int) -> dict[str, torch.Tensor]:
             "ref_logprobs": torch.tensor([r for p in pairs for r in (p.ref_chosen, p.ref_rejected)])}
 
 
-def _cache_arg(model, cache) -> dict:
-    """transformers 5 calls the cache argument `cache`, earlier versions `past_key_values`."""
-    params = inspect.signature(type(unwrap(model)).forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
-
-
 def shared_prompt_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (2B, A, V) of each response token, the prompt run once for both of its responses: its last position
     predicts the first response token, the responses' own positions the rest."""
@@ -118,8 +111,9 @@ def shared_prompt_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     responses, response_mask = batch["response_ids"], batch["response_mask"]
     cache = DynamicCache(config=unwrap(model).config)
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
+    keep = {"logits_to_keep": 1} if keeps_logits(type(unwrap(model))) else {}
     first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                  logits_to_keep=1, **_cache_arg(model, cache)).logits[:, -1]  # (B, V): left padding ends every row
+                  **keep, **cache_kwarg(unwrap(model), cache)).logits[:, -1]  # (B, V): left padding ends every row
     if cache.get_seq_length() != prompt_ids.shape[1]:
         raise RuntimeError(f"{type(unwrap(model)).__name__} did not fill the KV cache; set dpo.share_prompt false")
     cache.batch_repeat_interleave(2)  # (2B, heads, P, d): one copy per response
@@ -127,7 +121,7 @@ def shared_prompt_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     positions = prompt_len[:, None] + torch.arange(responses.shape[1], device=responses.device)  # (2B, A)
     mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask], dim=1)  # (2B, P + A)
     rest = model(input_ids=responses, attention_mask=mask, position_ids=positions, use_cache=True,
-                 **_cache_arg(model, cache)).logits  # (2B, A, V): position a predicts token a + 1
+                 **cache_kwarg(unwrap(model), cache)).logits  # (2B, A, V): position a predicts token a + 1
     return torch.cat([first.repeat_interleave(2, dim=0)[:, None], rest[:, :-1]], dim=1).float()
 
 
