@@ -26,11 +26,12 @@ from rich.table import Table
 from rlhf.config import BoNConfig, RunConfig
 from rlhf.data.io import read_jsonl
 from rlhf.evaluation.best_of_n import best_of_n_kl, run_bon
-from rlhf.evaluation.policy import Z95, mean_interval, rate_intervals, run_eval
+from rlhf.evaluation.policy import Z95, mean_interval, rate_intervals
 from rlhf.fsutil import stage_done, write_json_atomic
 from rlhf.report.html import build_report
 from rlhf.stages.dpo import run_dpo
-from rlhf.stages.pipeline import run_pipeline, stage_configs, write_policy_kl
+from rlhf.stages.experiments import eval_against_sft
+from rlhf.stages.pipeline import run_pipeline, stage_configs
 from rlhf.stages.ppo import run_ppo
 from rlhf.world import RATES, judge_prompt, summarise
 
@@ -66,19 +67,6 @@ def train_dpo(cfg: RunConfig, seed: int, root: Path) -> str:
 def stage_seconds(folder: str) -> float:
     """The training time a stage recorded (models loaded to final weights)."""
     return json.loads((Path(folder) / "stage.json").read_text())["seconds"]
-
-
-def evaluate_policy(cfg: RunConfig, model: str, out: Path) -> tuple[dict, list[dict], list[float]]:
-    """The pipeline's held-out eval against SFT, its samples, and the per-sequence KL to SFT."""
-    ev = copy.deepcopy(cfg.eval)
-    ev.model, ev.against, ev.reward_model, ev.out = model, cfg.sft.out, cfg.rm.out, str(out / "eval.json")
-    result = json.loads(Path(ev.out).read_text()) if Path(ev.out).is_file() else run_eval(ev)
-    kl_path = out / "kl.json"
-    if not kl_path.is_file():
-        ppo = copy.deepcopy(cfg.ppo)
-        ppo.out = model
-        write_policy_kl(ppo, cfg.eval, kl_path)
-    return result, read_jsonl(out / "eval.samples.jsonl"), json.loads(kl_path.read_text())["per_sequence"]
 
 
 def best_of_n_policy(cfg: RunConfig, seed: int, root: Path) -> tuple[dict, list[dict]]:
@@ -136,7 +124,9 @@ def compare_algorithms(cfg: RunConfig, seeds: list[int]) -> dict:
                 kl = [best_of_n_kl(BON_N)] * len(rows)
             else:
                 model = train_dpo(cfg, seed, root) if method == "dpo" else train_online(cfg, method, seed, root)
-                _, rows, kl = evaluate_policy(cfg, model, root / method / f"seed_{seed}" / "eval")
+                out = root / method / f"seed_{seed}" / "eval"
+                kl = eval_against_sft(cfg, model, out)[1]["per_sequence"]
+                rows = read_jsonl(out / "eval.samples.jsonl")
                 secs = stage_seconds(model)
             samples.append(rows)
             kls.append(kl)

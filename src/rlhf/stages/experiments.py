@@ -139,6 +139,20 @@ def ptx_alignment_tax(cfg: RunConfig, *, ptx_coef: float = 1.0) -> dict:
     return tax
 
 
+def eval_against_sft(cfg: RunConfig, model: str, out: Path) -> tuple[dict, dict]:
+    """A policy evaluated as the pipeline evaluates PPO: held-out eval against SFT (OUT/eval.json, samples beside it)
+    and KL to SFT on the same prompts (OUT/kl.json); each is kept once written."""
+    ev = copy.deepcopy(cfg.eval)
+    ev.model, ev.against, ev.reward_model, ev.out = model, cfg.sft.out, cfg.rm.out, str(out / "eval.json")
+    result = json.loads(Path(ev.out).read_text()) if Path(ev.out).is_file() else run_eval(ev)
+    kl_path = out / "kl.json"
+    if not kl_path.is_file():
+        ppo = copy.deepcopy(cfg.ppo)
+        ppo.out = model
+        write_policy_kl(ppo, cfg.eval, kl_path)
+    return result, json.loads(kl_path.read_text())
+
+
 SEED_METRICS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "honesty", "over_hedging", "accuracy",
                 "kl", "asr")
 
@@ -168,18 +182,12 @@ def ppo_seeds(cfg: RunConfig, seeds: list[int]) -> dict:
         ppo.seed, ppo.out, ppo.save_every = seed, str(out / "ppo"), 0
         if stage_done(ppo.out) is None:
             run_ppo(ppo)
-        ev = copy.deepcopy(cfg.eval)
-        ev.model, ev.against, ev.reward_model, ev.out = ppo.out, cfg.sft.out, cfg.rm.out, str(out / "eval.json")
-        result = json.loads(Path(ev.out).read_text()) if Path(ev.out).is_file() else run_eval(ev)
-        kl_path = out / "kl.json"
-        if not kl_path.is_file():
-            write_policy_kl(ppo, cfg.eval, kl_path)
+        result, kl = eval_against_sft(cfg, ppo.out, out)
         red = copy.deepcopy(cfg.redteam)
         red.model, red.against, red.out = ppo.out, None, str(out / "redteam")
         if not (Path(red.out) / "redteam.json").is_file():
             run_redteam(red)
-        figures[seed] = _seed_figures(result, json.loads(kl_path.read_text()),
-                                      json.loads((Path(red.out) / "redteam.json").read_text()))
+        figures[seed] = _seed_figures(result, kl, json.loads((Path(red.out) / "redteam.json").read_text()))
     spread = {k: _mean_sd([f[k] for f in figures.values() if f[k] is not None]) for k in SEED_METRICS
               if any(f[k] is not None for f in figures.values())}
     result = {"run_seed": main, "seeds": {str(s): f for s, f in figures.items()},
