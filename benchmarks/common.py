@@ -155,6 +155,20 @@ def trl_fit_args(a: argparse.Namespace, out_dir: str) -> dict:
                 logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none")
 
 
+def trl_causal_lm_inputs(a: argparse.Namespace):
+    """The TRL side's tokenizer, fp32 sdpa causal LM and dataset, the rows in fit's sample order (read sequentially)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.data.io import read_jsonl
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    rows = read_jsonl(a.rows)
+    return tok, model, rows, Dataset.from_list([rows[i] for i in sample_order(len(rows), a.seed)])
+
+
 def run_as_worker(a: argparse.Namespace, workers: dict[str, Callable[[argparse.Namespace], dict]]) -> bool:
     """Set the thread count; in a worker process (``--worker SIDE``) run that side and write its result: True."""
     import torch

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from common import (FIT_FLAGS, FitClock, add_quick, build_model_dir, chosen_sizes, compare, make_parser, parse,
-                    print_table, run_as_worker, run_repeats, run_worker, sample_order, step_timing, trl_fit_args,
+                    print_table, run_as_worker, run_repeats, run_worker, step_timing, trl_causal_lm_inputs, trl_fit_args,
                     trl_step_clock, write_results)
 from rm_vs_trl import pairs_from_file, synthetic_pairs
 
@@ -78,23 +78,14 @@ def worker_ours(a: argparse.Namespace) -> dict:
     out.update(side="ours", total_seconds=time.perf_counter() - t_start, mean_loss=statistics.fmean(clock.losses),
                threads=clock.threads, params=sum(p.numel() for p in model.parameters()), n_rows=len(examples),
                kept=len(pairs) - dropped, settings={"share_prompt": a.share_prompt, "reference": "precomputed",
-                                                    "param_dtype": str(next(model.parameters()).dtype)},
-               ref_logprobs=[[p.ref_chosen, p.ref_rejected] for p in (pairs[i] for i in sample_order(len(pairs), a.seed))])
+                                                    "param_dtype": str(next(model.parameters()).dtype)})
     return out
 
 
 def worker_trl(a: argparse.Namespace) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf.data.io import read_jsonl
-
-    tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
-    rows = read_jsonl(a.rows)
-    dataset = Dataset.from_list([rows[i] for i in sample_order(len(rows), a.seed)])  # fit's order, read sequentially
+    tok, model, rows, dataset = trl_causal_lm_inputs(a)
     with tempfile.TemporaryDirectory() as out_dir:
         args = DPOConfig(**trl_fit_args(a, out_dir), beta=a.beta, loss_type=["sigmoid"], max_length=a.max_length,
                          precompute_ref_log_probs=True, precompute_ref_batch_size=a.batch_size, disable_dropout=True)

@@ -60,8 +60,8 @@ import time
 from pathlib import Path
 
 from common import (FitClock, build_model_dir, chosen_sizes, compare, make_parser, parse, print_table as _print_table,
-                    qa, run_as_worker, run_repeats, run_worker, sample_order, step_timing, trl_fit_args, trl_step_clock,
-                    write_results)
+                    qa, run_as_worker, run_repeats, run_worker, sample_order, step_timing, trl_causal_lm_inputs,
+                    trl_fit_args, trl_step_clock, write_results)
 
 # ----------------------------------------------------------------------------------------------------
 # Setup (parent process): data (the tokenizer and models: common.build_model_dir)
@@ -133,17 +133,9 @@ def worker_ours(a: argparse.Namespace) -> dict:
 
 
 def worker_trl(a: argparse.Namespace) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf.data.io import read_jsonl
-
-    tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
-    rows = read_jsonl(a.rows)
-    dataset = Dataset.from_list([rows[i] for i in sample_order(len(rows), a.seed)])  # fit's order, read sequentially
+    tok, model, rows, dataset = trl_causal_lm_inputs(a)
     with tempfile.TemporaryDirectory() as out_dir:
         args = SFTConfig(**trl_fit_args(a, out_dir), max_length=a.max_length, packing=False, padding_free=False,
                          completion_only_loss=True)
