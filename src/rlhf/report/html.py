@@ -610,41 +610,44 @@ def _overopt(run: Run) -> Html:
     return _section("overopt", title, _tag("p", intro, "note"), _overopt_png(kl, proxy, gold), verdict)
 
 
-ALGORITHM_COLUMNS = (("gold_score", "gold score", 1), ("win_rate", "win rate vs SFT", 1),
-                     ("win_rate_untied", "untied win rate", 1), ("harmful_compliance", "harmful compliance", -1),
-                     ("over_refusal", "over-refusal", -1), ("over_hedging", "over-hedging", -1), ("honesty", "honesty", 1),
-                     ("accuracy", "accuracy", 1), ("kl", "KL to SFT", 0), ("seconds", "seconds", -1))
+# (key, label, better: 1 higher / -1 lower / 0 neither, digits); seconds are shown whole, without an interval.
+ALGORITHM_COLUMNS = (("gold_score", "gold score", 1, 3), ("win_rate", "win rate vs SFT", 1, 3),
+                     ("win_rate_untied", "untied win rate", 1, 3), ("harmful_compliance", "harmful compliance", -1, 3),
+                     ("over_refusal", "over-refusal", -1, 3), ("over_hedging", "over-hedging", -1, 3),
+                     ("honesty", "honesty", 1, 3), ("accuracy", "accuracy", 1, 3), ("kl", "KL to SFT", 0, 3),
+                     ("seconds", "seconds", -1, 0))
 
 
-def _interval_cell(value: Any, ci: Any, bold: bool) -> Html:
-    text = _e(_fmt(_num(value)))
+def _interval_cell(value: Any, ci: Any, bold: bool, digits: int) -> Html:
+    text = _e(_fmt(_num(value), digits))
     if bold:
         text = Html(f'<b class="best">{text}</b>')
-    if isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+    if digits and isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
         text = Html(f'{text}<span class="sub">[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]</span>')
     return text
 
 
 def _bon_png(curves: dict, metrics: list[dict]) -> Html:
-    """Best-of-n's gold score against sqrt of its analytic KL, beside PPO's rollout gold against sqrt KL."""
+    """Two panels over sqrt KL to SFT: best-of-n's gold score on the held-out prompts (analytic KL), and beside it
+    PPO's rollout gold score on its training prompts (a different prompt mix, so a panel of its own)."""
     def draw(fig: Any) -> None:
-        ax = fig.add_subplot()
-        for seed, curve in curves.items():
+        left, right = fig.subplots(1, 2, sharex=True)
+        for k, (seed, curve) in enumerate(curves.items()):
             pts = [(math.sqrt(max(_num(r.get("kl")) or 0.0, 0.0)), _num(r.get("gold_score")), r.get("n")) for r in curve
                    if _num(r.get("gold_score")) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.4, label=f"best-of-n, seed {seed}")
-            for x, y, n in pts:
-                ax.annotate(f"n={n}", (x, y), fontsize=7, xytext=(2, 3), textcoords="offset points")
+            left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.4, label=f"seed {seed}")
+            for x, y, n in pts if k == 0 else ():  # the n of each point, once
+                left.annotate(f"n={n}", (x, y), fontsize=7, xytext=(2, 3), textcoords="offset points")
+        left.set(xlabel="√KL to the SFT policy  [√nats]", ylabel="gold score (sampled, T=1)",
+                 title="Best-of-n, held-out prompts")
+        left.legend()
         rows = [r for r in metrics if _num(r.get("objective/kl")) is not None and _num(r.get("objective/gold")) is not None]
         if rows:
             d = [math.sqrt(max(_num(r["objective/kl"]), 0.0)) for r in rows]
-            ax.plot(*_binned(d, [_num(r["objective/gold"]) for r in rows]), color=GOLD_COLOR, lw=1.8,
-                    label="PPO rollouts (training prompts)")
-        ax.set(xlabel="√KL to the SFT policy  [√nats]", ylabel="gold score (sampled, T=1)",
-               title="Gold score against distance from SFT: best-of-n and PPO")
-        ax.legend()
+            right.plot(*_binned(d, [_num(r["objective/gold"]) for r in rows]), color=GOLD_COLOR, lw=1.8, marker="o", ms=3)
+        right.set(xlabel="√KL to the SFT policy  [√nats]", title="PPO rollouts, training prompts (with attacks)")
 
-    return _png(draw, "best-of-n and PPO gold score against sqrt KL", size=(7.5, 3.6))
+    return _png(draw, "best-of-n and PPO gold score against sqrt KL", size=(8.5, 3.4))
 
 
 def _algorithms(run: Run) -> Html:
@@ -652,16 +655,16 @@ def _algorithms(run: Run) -> Html:
     if not res:
         return Html("")
     methods = res["methods"]
-    head = ["method", *(_arrow(label, better) for _, label, better in ALGORITHM_COLUMNS)]
+    head = ["method", *(_arrow(label, better) for _, label, better, _ in ALGORITHM_COLUMNS)]
     best = {k: max((m.get(k) * better for m in methods.values() if _num(m.get(k)) is not None), default=None)
-            for k, _, better in ALGORITHM_COLUMNS if better}
+            for k, _, better, _ in ALGORITHM_COLUMNS if better}
     rows = [[name, *(_interval_cell(row.get(k), (row.get("ci95") or {}).get(k),
-                                    bool(better) and _num(row.get(k)) is not None and row[k] * better == best[k])
-                     for k, _, better in ALGORITHM_COLUMNS)] for name, row in methods.items()]
+                                    bool(better) and _num(row.get(k)) is not None and row[k] * better == best[k], digits)
+                     for k, _, better, digits in ALGORITHM_COLUMNS)] for name, row in methods.items()]
     intro = (f"Every method from the same SFT model and reward model, evaluated on the same "
              f"{_fmt(res.get('n_prompts'))} held-out prompts by the gold judge, over seeds {res.get('seeds')}; 95% "
-             f"intervals pool the seeds' prompts. Online methods: {_fmt(res.get('samples_per_online_run'))} generated "
-             f"samples each. {res.get('notes', '')}")
+             f"intervals pool the seeds' prompts; seconds are the mean training time. Generated samples per online "
+             f"run: {_fmt(res.get('samples_per_online_run'))}. {res.get('notes', '')}")
     parts = [_tag("p", intro, "note"), _table(head, rows, "num")]
     if res.get("best_of_n_curve"):
         parts.append(_bon_png(res["best_of_n_curve"], run.metrics))

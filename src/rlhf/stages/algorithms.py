@@ -139,7 +139,7 @@ def compare_algorithms(cfg: RunConfig, seeds: list[int]) -> dict:
               "notes": ("Online methods: the ppo section's settings for all (iterations, batch, lr, KL controller, "
                         "safety terms); grpo and rloo draw K samples per prompt from batch_size / K prompts. DPO: the "
                         "dpo section, on the reward model's preference file. Best-of-16: SFT sampled as in rollouts, "
-                        "KL analytic. Intervals pool every seed's held-out prompts.")}
+                        "KL analytic.")}
     write_json_atomic(root / "algorithms.json", result)
     print_table(result)
     build_report(cfg.out)  # its "Algorithms" section reads the file just written
