@@ -62,7 +62,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     pairs, dropped = encode_dpo_pairs(tok, examples, DataConfig(path=a.rows, max_length=a.max_length, truncation="error"))
     add_reference_logprobs(model, pairs, tok.pad_token_id, a.batch_size, a.share_prompt, torch.device("cpu"))
-    cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, grad_accum=1, lr=a.lr, weight_decay=0.0,
+    cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, lr=a.lr, weight_decay=0.0,
                       warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0, log_every=1,
                       seed=a.seed, mixed_precision="no", gradient_checkpointing=False)
     loss = DPOLoss(DPOConfig(beta=a.beta, train=cfg), a.share_prompt)

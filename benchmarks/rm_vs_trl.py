@@ -141,7 +141,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     pairs, _ = encode_pairs(tok, examples, DataConfig(path=a.rows, max_length=a.max_length, truncation="error"),
                          is_encoder(model))
     rm = RewardConfig(share_prompt=a.share_prompt)  # loss: Bradley-Terry only (margin_weight 0, center_coef 0)
-    cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, grad_accum=1, lr=a.lr, weight_decay=0.0,
+    cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, lr=a.lr, weight_decay=0.0,
                       warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0, log_every=1,
                       seed=a.seed, mixed_precision="no", gradient_checkpointing=False)
     rm.train = cfg

@@ -111,7 +111,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     # the prompt is context on both sides).
     items, _ = encode_examples(tok, list(load_sft(a.rows)), DataConfig(path=a.rows, max_length=a.max_length,
                                                                       assistant_turns="last"))
-    cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, grad_accum=1, lr=a.lr, weight_decay=0.0,
+    cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, lr=a.lr, weight_decay=0.0,
                       warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0, log_every=1,
                       seed=a.seed, mixed_precision="no", gradient_checkpointing=False)
     batch_tokens: list[int] = []

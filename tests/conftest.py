@@ -219,3 +219,26 @@ def write_sft_file(path: Path, n: int = 96) -> Path:
 @pytest.fixture()
 def sft_file(tmp_path) -> Path:
     return write_sft_file(tmp_path / "sft.jsonl")
+
+
+PPO_PROMPTS = ["What is 3 + 4?", "Hello, Alice!", "List 3 fruits.", "The capital of France is", "A spider has"]
+
+
+@pytest.fixture(scope="session")
+def flat_rm(tiny_llama, tmp_path_factory) -> Path:
+    """A reward model whose head is zero: every response scores 0, so only the extra components count."""
+    path = tmp_path_factory.mktemp("flat_rm")
+    from rlhf.models.reward import load_reward_backbone
+
+    model, tok = load_reward_backbone(tiny_llama)
+    torch.nn.init.zeros_(model.score.weight)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PPO_PROMPTS * 4))
+    return path

@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py, alone or under `torchrun --nproc_per_node N`: the supervised loop (`fit`) on an
-SFT file with a per-process batch; the main process writes each step's loss and the final weights to OUT."""
+SFT file with a global batch (and a micro-batch per process); the main process writes each step's loss and the final weights to OUT."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ class Losses:
         self.rows.append(metrics["train/loss"])
 
 
-def main(model_dir: str, data: str, batch_size: int, out: str) -> None:
+def main(model_dir: str, data: str, batch_size: int, micro: int, out: str) -> None:
     model, tok = load_causal_lm(model_dir)
     items, _ = encode_examples(tok, list(load_sft(data)), DataConfig(path=data, max_length=64))
-    cfg = TrainConfig(max_steps=4, batch_size=batch_size, lr=1e-3, warmup_ratio=0.0, schedule="constant",
+    cfg = TrainConfig(max_steps=4, batch_size=batch_size, micro_batch_size=micro or None, lr=1e-3, warmup_ratio=0.0, schedule="constant",
                       log_every=1, seed=0, max_grad_norm=1.0)
     acc = make_accelerator(cfg)
     losses = Losses()
@@ -41,4 +41,4 @@ def main(model_dir: str, data: str, batch_size: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

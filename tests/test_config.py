@@ -75,11 +75,11 @@ def test_a_typo_elsewhere_in_the_pipeline_yaml_is_caught_by_a_stage_command(tmp_
 
 def test_field_docstrings_are_the_help_text():
     docs = field_docs(TrainConfig)
-    assert docs["grad_accum"].startswith("Micro-batches accumulated per optimiser step")
+    assert docs["micro_batch_size"].startswith("Sequences per forward pass on each device")
     parser = argparse.ArgumentParser()
     add_arguments(parser, SFTConfig)
     help_text = parser.format_help()
-    assert "--train.grad_accum" in help_text and "Micro-batches accumulated" in help_text
+    assert "--train.micro_batch_size" in help_text and "Sequences per forward pass" in help_text
     assert "--lora.target_modules" in help_text and "--no-lora.enabled" in help_text
     # The stage's own defaults are shown (SFT trains 3 epochs by default, the bare TrainConfig 1).
     epochs = next(a for a in parser._actions if a.dest == "train.epochs")

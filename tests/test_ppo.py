@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,32 +17,10 @@ from rlhf.algos.core import position_ids_from_mask, token_logprobs
 from rlhf.config import PPOConfig
 from rlhf.configlib import ConfigError, from_dict
 from rlhf.models.loading import load_causal_lm
-from rlhf.models.reward import load_reward_backbone
 from rlhf.report.metrics import read_metrics
 from rlhf.models.policy import response_logits
 from rlhf.rl.types import RewardComponent
 from rlhf.stages.ppo import RLRun, run_ppo
-
-PROMPTS = ["What is 3 + 4?", "Hello, Alice!", "List 3 fruits.", "The capital of France is", "A spider has"]
-
-
-@pytest.fixture(scope="module")
-def flat_rm(tiny_llama, tmp_path_factory) -> Path:
-    """A reward model whose head is zero: every response scores 0, so only the extra components count."""
-    path = tmp_path_factory.mktemp("flat_rm")
-    model, tok = load_reward_backbone(tiny_llama)
-    torch.nn.init.zeros_(model.score.weight)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
-    return path
-
 
 def ppo_config(policy, rm, prompts, out, **over) -> PPOConfig:
     base = dict(policy=str(policy), reward_model=str(rm), prompts=str(prompts), out=str(out), iterations=4,

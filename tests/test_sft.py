@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from rlhf.cli import main
 from rlhf.config import SFTConfig
-from rlhf.configlib import from_dict
+from rlhf.configlib import ConfigError, from_dict
 from rlhf.data.io import DataError
 from rlhf.models.loading import load_causal_lm
 from rlhf.stages.sft import run_sft
@@ -59,9 +59,22 @@ def test_lora_changes_only_adapter_weights(tiny_llama, sft_file, tmp_path):
         assert torch.equal(before[k], after[k]) != adapted, k
 
 
-def test_sft_with_gradient_accumulation_matches_batch_tokens(tiny_llama, sft_file, tmp_path):
-    summary = run_sft(sft_config(tiny_llama, sft_file, tmp_path / "acc", max_steps=4, batch_size=4, grad_accum=2))
-    assert summary["steps"] == 4
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_llama, sft_file, tmp_path):
+    # batch 8 in micro-batches of 4 (2 accumulation steps) = batch 8 in one pass: the loss is normalised by the
+    # scored tokens of the whole step, not averaged per micro-batch.
+    whole = run_sft(sft_config(tiny_llama, sft_file, tmp_path / "whole", max_steps=3, batch_size=8))
+    accum = run_sft(sft_config(tiny_llama, sft_file, tmp_path / "accum", max_steps=3, batch_size=8, micro_batch_size=4))
+    assert whole["steps"] == accum["steps"] == 3
+    assert abs(whole["val_loss"] - accum["val_loss"]) < 1e-5
+    wa, wb = weights(tmp_path / "whole"), weights(tmp_path / "accum")
+    assert any(not torch.equal(wa[k], weights(tiny_llama)[k]) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_a_global_batch_that_does_not_split_into_micro_batches_is_refused(tiny_llama, sft_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size \(3\) must divide the per-device batch"):
+        run_sft(sft_config(tiny_llama, sft_file, tmp_path / "bad", max_steps=1, batch_size=8, micro_batch_size=3))
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize(

@@ -33,10 +33,18 @@ from rlhf.config import (
 from rlhf.configlib import ConfigError, add_arguments, build_config
 
 
+# Commands that several processes run together (`torchrun`, `accelerate launch`, `--num_processes`): the training
+# stages, and `run`, whose other stages the main process runs while the rest wait.
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "ppo", "rl", "dpo", "run")
+
+
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, format="%(message)s",
+    from rlhf import distributed
+
+    level = logging.DEBUG if verbose else logging.INFO if distributed.is_main() else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -197,12 +205,18 @@ def _cmd_run(ns: argparse.Namespace) -> None:
 
 
 def _print_result(result: dict) -> None:
+    from rlhf import distributed
+
+    if not distributed.is_main():
+        return
     shown = {k: v for k, v in result.items() if k not in ("config", "against", "final")}
     print(json.dumps(shown, indent=2, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: SFT -> reward model -> PPO, with evaluation.")
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: SFT -> reward model -> PPO, with evaluation.",
+                                     epilog="--num_processes N (anywhere on the line): run the command as N processes "
+                                     "through torchrun (the training stages and `run`); one per GPU, or on a CPU over gloo")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: list[tuple[str, str, type | None, Callable]] = [
@@ -277,8 +291,56 @@ def _add_experiment(sub) -> None:
     p.set_defaults(fn=_cmd_experiment)
 
 
+def _take_num_processes(argv: list[str]) -> tuple[list[str], int]:
+    """``--num_processes N`` (or ``=N``) anywhere on the command line, and the command line without it."""
+    rest, n, i = [], 1, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--num_processes" and i + 1 < len(argv):
+            n, i = argv[i + 1], i + 2
+        elif arg.startswith("--num_processes="):
+            n, i = arg.split("=", 1)[1], i + 1
+        else:
+            rest.append(arg)
+            i += 1
+            continue
+        if not str(n).isdigit() or int(n) < 1:
+            raise SystemExit(f"rlhf: error: --num_processes: must be a whole number >= 1, got {n!r}")
+    return rest, int(n)
+
+
+def launch(argv: list[str], n: int) -> int:
+    """Run ``rlhf ARGV`` as ``n`` processes on this machine through torchrun; its exit status. On a machine without
+    CUDA the processes train on the CPU over gloo, each with its share of the cores."""
+    import subprocess
+
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "rlhf.cli", *argv]
+    print("rlhf: " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.run(cmd, env=env).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from rlhf import distributed
+
+    argv, n = _take_num_processes(list(sys.argv[1:] if argv is None else argv))
     ns = build_parser().parse_args(argv)
+    if n > 1 and not distributed.launched():
+        if ns.command not in DISTRIBUTED_COMMANDS:
+            print(f"rlhf {ns.command}: error: --num_processes: only {', '.join(DISTRIBUTED_COMMANDS)} run as several "
+                  "processes", file=sys.stderr)
+            return 2
+        return launch(argv, n)
+    if distributed.launched() and ns.command not in DISTRIBUTED_COMMANDS:
+        print(f"rlhf {ns.command}: error: this command runs as one process; start it without torchrun or accelerate "
+              f"launch (several processes run {', '.join(DISTRIBUTED_COMMANDS)})", file=sys.stderr)
+        return 2
+    distributed.init()
     _setup_logging(ns.verbose)
     from rlhf.data.io import DataError
 

@@ -46,9 +46,11 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimiser steps; overrides epochs."""
     batch_size: int = 16
-    """Micro-batch size per device (sequences per forward pass)."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimiser step. Effective batch = batch_size * grad_accum * processes."""
+    """Global batch: sequences (pairs for a reward model) per optimiser step, over all processes. Each process
+    takes batch_size / processes of them, in micro-batches of micro_batch_size accumulated into one step."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass on each device (null: batch_size / processes, no accumulation). Gradient
+    accumulation steps = batch_size / (micro_batch_size * processes), derived and printed at the start."""
     lr: float = 2e-5
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -80,11 +82,12 @@ class TrainConfig:
     variable-length samples, the same data each epoch. No effect on packed pretraining blocks."""
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"train.max_steps: must be >= 1 or null, got {self.max_steps}")
+        for name in ("max_steps", "micro_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1 or null, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

@@ -71,15 +71,19 @@ def _temp_prefix(path: Path, kind: str) -> str:
 
 
 @contextlib.contextmanager
-def main_process_dir(out: str | Path, is_main: bool) -> Iterator[Path]:
+def main_process_dir(out: str | Path) -> Iterator[Path]:
     """``atomic_dir(out)`` on the main process; on the others a scratch folder that is thrown away. A stage's code
-    then reads the same under several processes, and only the main process writes ``out``."""
-    if is_main:
+    then reads the same under several processes, and only the main process writes ``out``. Every process waits
+    at the end until ``out`` is in place, so the next stage of any process can read it."""
+    from rlhf import distributed
+
+    if distributed.is_main():
         with atomic_dir(out) as tmp:
             yield tmp
     else:
         with tempfile.TemporaryDirectory(prefix="rlhf-rank-") as tmp:
             yield Path(tmp)
+    distributed.barrier()
 
 
 @contextlib.contextmanager

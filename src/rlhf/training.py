@@ -21,6 +21,7 @@ from accelerate import Accelerator
 
 from rlhf.algos.core import causal_lm_loss
 from rlhf.config import TrainConfig
+from rlhf.configlib import ConfigError
 from rlhf.report.metrics import MetricsLogger
 from rlhf.report.progress import progress_bar
 
@@ -81,6 +82,7 @@ class FitResult:
     units: int = 0
     """Scored units trained on: tokens for language models, pairs for reward models."""
     seconds: float = 0.0
+    processes: int = 1
     train_loss: float = float("nan")
     val_losses: list[float] = field(default_factory=list)
     best_val_loss: float = float("inf")
@@ -91,6 +93,24 @@ class FitResult:
         return self.tokens / max(self.seconds, 1e-9)
 
 
+def eval_batch_size(cfg: TrainConfig) -> int:
+    """Rows per validation forward pass: the micro-batch where one is set (the memory a training pass fits)."""
+    return cfg.micro_batch_size or cfg.batch_size
+
+
+def split_batch(batch_size: int, micro_batch_size: int | None, processes: int, section: str = "train") -> tuple[int, int]:
+    """(micro-batch per device, accumulation steps) of a global batch: batch_size = micro * accumulation * processes."""
+    if batch_size % processes:
+        raise ConfigError(f"{section}.batch_size ({batch_size}) is the global batch over all processes: it must be a "
+                          f"multiple of the number of processes ({processes})")
+    per_device = batch_size // processes
+    micro = micro_batch_size or per_device
+    if per_device % micro:
+        raise ConfigError(f"{section}.micro_batch_size ({micro}) must divide the per-device batch ({section}.batch_size "
+                          f"{batch_size} / {processes} processes = {per_device})")
+    return micro, per_device // micro
+
+
 @dataclass(frozen=True)
 class Plan:
     """Derived quantities of a run, computed from the config and the data, never configured."""
@@ -99,14 +119,26 @@ class Plan:
     total_steps: int
     warmup_steps: int
     eval_every: int
-    effective_batch_size: int
+    batch_size: int  # global: items per optimiser step over all processes
+    micro_batch_size: int  # items per forward pass on each device
+    grad_accum: int  # micro-batches per optimiser step on each device
+    processes: int
 
     @classmethod
     def make(cls, cfg: TrainConfig, n_items: int, processes: int) -> Plan:
-        per_epoch = max(1, math.ceil(math.ceil(n_items / cfg.batch_size) / processes / cfg.grad_accum))
+        micro, accum = split_batch(cfg.batch_size, cfg.micro_batch_size, processes)
+        if n_items < processes:
+            raise ConfigError(f"train: {n_items} training items cannot be shared by {processes} processes")
+        # A last batch smaller than the number of processes is dropped: every process takes part in every step.
+        per_epoch = max(1, n_items // cfg.batch_size + (n_items % cfg.batch_size >= processes))
         total = cfg.max_steps or cfg.epochs * per_epoch
-        return cls(per_epoch, total, int(cfg.warmup_ratio * total), cfg.eval_every or per_epoch,
-                   cfg.batch_size * cfg.grad_accum * processes)
+        return cls(per_epoch, total, int(cfg.warmup_ratio * total), cfg.eval_every or per_epoch, cfg.batch_size,
+                   micro, accum, processes)
+
+    def describe(self) -> str:
+        return (f"global batch {self.batch_size} = {self.processes} process{'es' if self.processes > 1 else ''} x "
+                f"{self.micro_batch_size} per forward pass x {self.grad_accum} accumulation step"
+                f"{'s' if self.grad_accum > 1 else ''}")
 
 
 GROUP_BATCHES = 50  # batches per length-sorted group (transformers' LengthGroupedSampler uses 50 too)
@@ -125,20 +157,27 @@ def epoch_batches(n: int, batch_size: int, gen: torch.Generator, lengths: Sequen
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def _step_groups(n: int, cfg: TrainConfig, total: int, acc: Accelerator, lengths: Sequence[int] | None = None
-                 ) -> Iterator[list[list[int]]]:
-    """Sample indices for each optimiser step: ``grad_accum`` micro-batches, reshuffled every epoch.
+def rank_share(batch: list[int], rank: int, processes: int) -> list[int]:
+    """Process ``rank``'s contiguous part of a global batch; the parts differ in size by at most one."""
+    size, extra = divmod(len(batch), processes)
+    start = rank * size + min(rank, extra)
+    return batch[start : start + size + (rank < extra)]
 
-    Each process takes every world-th micro-batch, so processes see disjoint data.
-    """
+
+def _step_groups(n: int, cfg: TrainConfig, plan: Plan, acc: Accelerator, lengths: Sequence[int] | None = None
+                 ) -> Iterator[list[list[int]]]:
+    """This process's sample indices for each optimiser step: its share of the global batch, in micro-batches.
+
+    Every process draws the same global batches (one seeded order per epoch, reshuffled each epoch) and takes its
+    own part of each, so processes see disjoint data and N processes train on exactly what one process would."""
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     while True:
-        batches = epoch_batches(n, cfg.batch_size, gen, lengths)[acc.process_index :: acc.num_processes]
-        for g in range(0, len(batches), cfg.grad_accum):
-            if step >= total:
+        for batch in epoch_batches(n, cfg.batch_size, gen, lengths)[: plan.steps_per_epoch]:
+            if step >= plan.total_steps:
                 return
-            yield batches[g : g + cfg.grad_accum]
+            mine = rank_share(batch, acc.process_index, acc.num_processes)
+            yield [mine[i : i + plan.micro_batch_size] for i in range(0, len(mine), plan.micro_batch_size)]
             step += 1
 
 
@@ -221,21 +260,27 @@ def fit(
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     optimizer = build_optimizer(model, cfg)
-    model, optimizer = acc.prepare(model, optimizer)
     plan = Plan.make(cfg, len(train_items), acc.num_processes)
-    log.info("%s: %d optimiser steps (%d per epoch), effective batch %d", desc, plan.total_steps,
-             plan.steps_per_epoch, plan.effective_batch_size)
+    if acc.state.deepspeed_plugin is not None:  # no dataloader to read them from: DeepSpeed's batch geometry
+        if plan.grad_accum > 1:  # DeepSpeed would step (and rescale the loss) at each micro-batch
+            raise ConfigError(f"train.micro_batch_size: gradient accumulation under DeepSpeed is not supported yet; "
+                              f"set it to the per-device batch ({plan.micro_batch_size * plan.grad_accum}) or use FSDP")
+        acc.state.deepspeed_plugin.deepspeed_config.update(
+            train_batch_size=plan.batch_size, train_micro_batch_size_per_gpu=plan.micro_batch_size, gradient_accumulation_steps=1)
+    wrapped, optimizer = acc.prepare(LossModule(model, loss_fn), optimizer)
+    log.info("%s: %d optimiser steps (%d per epoch); %s", desc, plan.total_steps, plan.steps_per_epoch, plan.describe())
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
-    res, best, recent = FitResult(), _BestWeights(cfg.early_stopping_patience), []
+    res, best, recent = FitResult(processes=acc.num_processes), _BestWeights(cfg.early_stopping_patience), []
     start = time.perf_counter()
     model.train()
     with progress_bar(desc, plan.total_steps, enabled=acc.is_main_process) as bar:
-        for group in _step_groups(len(train_items), cfg, plan.total_steps, acc, lengths if cfg.group_by_length else None):
+        for group in _step_groups(len(train_items), cfg, plan, acc, lengths if cfg.group_by_length else None):
             batches = [collate([train_items[i] for i in b]) for b in group]
-            res.train_loss, units = _accumulate_step(model, batches, loss_fn, count_fn, acc)
+            res.train_loss, units = _accumulate_step(wrapped, batches, count_fn, acc)
             res.units += units
-            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm else float("nan")
+            norm = acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+            grad_norm = float("nan") if norm is None else float(norm)  # DeepSpeed clips inside its step: no norm
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
@@ -254,15 +299,28 @@ def fit(
                 metrics = validate(model) if validate else {"val/loss": evaluate_loss(model, val_batches, loss_fn, acc.device)}
                 if logger:
                     logger.log(res.steps, **metrics)
-                if best.update(acc.unwrap_model(model), metrics["val/loss"], res):
+                if best.update(model, metrics["val/loss"], res):
                     res.stopped_early = True
                     break
-    best.restore(acc.unwrap_model(model))
+    best.restore(model)
     res.seconds = time.perf_counter() - start
     return res
 
 
-def _accumulate_step(model, group, loss_fn: LossFn, count_fn, acc: Accelerator) -> tuple[float, int]:
+class LossModule(torch.nn.Module):
+    """A model with its loss as its forward. Under DDP (or FSDP) the whole loss then runs inside the wrapper's forward,
+    where gradient synchronisation is armed (and sharded parameters gathered), whatever parts of the model the loss
+    calls directly: a reward model's backbone and head, a prompt's KV cache shared by a pair's two responses."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_fn(self.model, batch)
+
+
+def _accumulate_step(model: torch.nn.Module, group, count_fn, acc: Accelerator) -> tuple[float, int]:
     """Forward/backward over one optimiser step's micro-batches, weighted by their scored units.
 
     The weights are shares of the step's units over every process (all-reduced), times the number of processes
@@ -280,7 +338,7 @@ def _accumulate_step(model, group, loss_fn: LossFn, count_fn, acc: Accelerator) 
         sync = i == len(group) - 1  # all-reduce gradients once per optimiser step, not per micro-batch
         ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
         with ctx, acc.autocast():
-            loss, _ = loss_fn(model, batch)
+            loss, _ = model(batch)
             share = loss * (n / total_units)  # this micro-batch's part of the step's mean loss
             acc.backward(share * acc.num_processes)
         loss_value += share.item()

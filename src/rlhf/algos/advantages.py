@@ -16,6 +16,8 @@ tokens, ``mask`` 1 on real response tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhf.algos.ppo import whiten
@@ -62,10 +64,11 @@ def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) 
     return returns
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                            all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """REINFORCE++: the reward-to-go of per-token rewards, whitened over every response token of the batch
-    (the global batch is the baseline; no critic, no groups). (B, A), (B, A) -> (B, A)."""
-    return whiten(reward_to_go(rewards, mask, gamma), mask)
+    (the global batch is the baseline; no critic, no groups; ``all_sum`` as in ``whiten``). (B, A), (B, A) -> (B, A)."""
+    return whiten(reward_to_go(rewards, mask, gamma), mask, all_sum=all_sum)
 
 
 def sequence_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ controller), and "The N Implementation Details of RLHF with PPO" (Huang et al. 2
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +26,19 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Normalise ``values`` to unit variance over the masked positions (and mean 0 with shift_mean).
 
-    Masked-out positions come back as 0 so they cannot leak into a later sum.
+    Masked-out positions come back as 0 so they cannot leak into a later sum. ``all_sum``: the sum over every
+    process of a tensor; the mean and variance are then the global batch's (two passes, as with one process).
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    if all_sum is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        total, n = all_sum(torch.stack([masked_sum(values.float(), mask), mask.sum().float()]))
+        mean = total / n.clamp(min=1)
+        var = all_sum(masked_sum((values.float() - mean) ** 2, mask)) / (n - 1).clamp(min=1)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -20,11 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf import distributed
 from rlhf.algos import advantages as estimators
 from rlhf.algos.core import masked_mean
 from rlhf.algos.ppo import compute_gae, kl_penalty, per_token_rewards, sequence_kl, whiten
 from rlhf.config import PPOConfig
 from rlhf.rl.types import Rollout
+
+
+def global_sum():
+    """Under several processes, the all-reduce that makes batch statistics the global batch's; else None."""
+    return distributed.all_sum if distributed.processes() > 1 else None
 
 
 def ppo_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
@@ -33,7 +39,7 @@ def ppo_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
     ro.rewards = per_token_rewards(ro.scores, kl, kl_coef, mask)
     ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        ro.advantages = whiten(ro.advantages, mask)
+        ro.advantages = whiten(ro.advantages, mask, all_sum=global_sum())
 
 
 def grpo_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None:
@@ -55,7 +61,7 @@ def reinforce_pp_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> None
     mask = ro.response_mask
     kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask
     ro.rewards = per_token_rewards(ro.scores, kl, kl_coef, mask)
-    ro.advantages = estimators.reinforce_pp_advantages(ro.rewards, mask, cfg.gamma)
+    ro.advantages = estimators.reinforce_pp_advantages(ro.rewards, mask, cfg.gamma, all_sum=global_sum())
 
 
 def no_kl_loss(logprobs, ref_logprobs, mask, kl_coef) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf import distributed
 from rlhf.config import PPOConfig
 from rlhf.configlib import ConfigError, to_dict
 from rlhf.fsutil import (atomic_dir, check_out, fingerprint, mark_stage, marked, remove_output, stage_done,
@@ -74,7 +75,8 @@ class Checkpointer:
                 for name, tensor in state.items():
                     if name.startswith(prefix + "."):
                         params[name[len(prefix) + 1:]].copy_(tensor)
-        opt = torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device)
+        opt = torch.load(path / "optimizer.pt", weights_only=True,
+                         map_location="cpu" if self.device.type == "cpu" else self.device)  # not "cpu:0", a rank's CPU
         for k, optimiser in self.optimisers.items():
             optimiser.load_state_dict(opt[k])
         rng = torch.load(path / "rng.pt", weights_only=True)
@@ -191,15 +193,19 @@ def prepare_out(cfg: PPOConfig, checkpointer: Checkpointer, action: str) -> tupl
     """Create, replace or resume the output folder (as check_ppo_out decided); returns it and the iteration to
     start from."""
     out, iteration = Path(cfg.out), 0
-    if action == "replace":
-        remove_output(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mark_stage(out, "ppo")
     found = checkpoints(out) if action == "resume" else []
-    if found:
+    distributed.barrier()  # every process has read the folder before the main one changes it
+    if distributed.is_main():
+        if action == "replace":
+            remove_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        mark_stage(out, "ppo")
+    if found:  # every process restores the same checkpoint
         last = max(found, key=checkpoint_step)
         iteration = checkpointer.load(last)
         log.info("resumed from %s (iteration %d)", last, iteration)
-    truncate_log(out / "metrics.jsonl", iteration)
-    truncate_log(out / "alerts.jsonl", iteration, key="iteration")
+    if distributed.is_main():
+        truncate_log(out / "metrics.jsonl", iteration)
+        truncate_log(out / "alerts.jsonl", iteration, key="iteration")
+    distributed.barrier()
     return out, iteration

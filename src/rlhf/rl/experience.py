@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from rlhf import distributed
 from rlhf.algos.core import masked_sum
 from rlhf.algos.ppo import entropy_from_logits
 from rlhf.config import PPOConfig
@@ -137,7 +138,9 @@ class ExperienceMaker:
     def _normalise_on_first_rollout(self, raw: torch.Tensor) -> None:
         """A reward model trained elsewhere stores no reward_mean/reward_std: measure them on the initial
         policy's first rollout (M, B), as `rlhf rm` does on SFT samples, instead of using raw scores against
-        reward_clip and missing_eos_score; fold them into the critic too. They are kept in the checkpoints."""
+        reward_clip and missing_eos_score; fold them into the critic too. They are kept in the checkpoints.
+        Under several processes, on every process's rollout: the same statistics everywhere."""
+        raw = torch.cat([r.to(raw.device) for r in distributed.gather_objects(raw.cpu())], dim=1)  # (M, global B)
         if raw.shape[1] < 2:
             raise ConfigError(f"ppo: {self.cfg.reward_model} stores no reward_mean/reward_std and the first rollout has "
                               "too few scorable responses to measure them; train it with `rlhf rm`, or set "

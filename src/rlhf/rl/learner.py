@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from rlhf import distributed
 from rlhf.algos.core import causal_lm_loss, masked_mean
 from rlhf.algos.ppo import entropy_from_logits, ppo_policy_loss, value_loss
 from rlhf.config import PPOConfig
@@ -52,7 +53,8 @@ class Learner:
         """6. ppo_epochs passes over shuffled minibatches; early stop on approximate KL."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(self.seed_of("minibatches"))
-        n, size = len(ro.scores), cfg.mini_batch_size
+        # This process's rows: its share of every minibatch (the update is the same as one process's on the whole).
+        n, size = len(ro.scores), cfg.mini_batch_size // distributed.processes()
         self.m.policy.train()
         totals: dict[str, float] = {}
         n_mb, stopped = 0, False
@@ -76,9 +78,10 @@ class Learner:
     def minibatch(self, ro: Rollout, idx: torch.Tensor, kl_coef: float = 0.0) -> dict[str, float]:
         """One optimiser step on a minibatch: gradients accumulated over its micro-batches, each weighted by its
         share of the minibatch's response tokens, so the step equals the whole minibatch's (losses are means
-        over response tokens)."""
+        over response tokens). Under several processes ``idx`` is this process's part of the minibatch: the shares
+        are of the response tokens of every process's part, and the gradients are summed over the processes."""
         cfg = self.cfg
-        n_tokens = ro.response_mask[idx].sum().clamp(min=1)
+        n_tokens = distributed.all_sum(ro.response_mask[idx].sum()).clamp(min=1)
         # Micro-batches of similar response lengths, each cut to its own width: less padding computed, and the
         # same step (the gradients of all the minibatch's micro-batches are summed before it).
         idx = idx[ro.response_mask[idx].sum(1).argsort(stable=True)]
@@ -89,13 +92,16 @@ class Learner:
             (loss * weight).backward()
             for k, v in micro.items():
                 stats[k] = stats.get(k, 0.0) + v * weight.item()
-        if self.ptx:
+        if self.ptx:  # each process its own rows: the mean of the processes' losses
             ptx_loss = self._ptx_loss()
-            (cfg.ptx_coef * ptx_loss).backward()
-            stats["ptx/loss"] = ptx_loss.item()
+            (cfg.ptx_coef * ptx_loss / distributed.processes()).backward()
+            stats["ptx/loss"] = ptx_loss.item() / distributed.processes()
+        stats = {k: v for k, v in zip(sorted(stats), distributed.all_sum(
+            torch.tensor([stats[k] for k in sorted(stats)], dtype=torch.float64, device=self.device)).tolist())}
         for opt, params in ((self.policy_opt, self.policy_params), (self.critic_opt, self.m.critic_parameters())):
             if opt is None:
                 continue
+            distributed.sync_gradients(params)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()

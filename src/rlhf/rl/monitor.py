@@ -7,7 +7,6 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from rlhf.rl.types import Rollout
 from rlhf.world import judge_prompt
 
 log = logging.getLogger("rlhf.ppo")
@@ -29,16 +28,17 @@ class Monitor:
         self.hacking, self.embedder = HackingMonitor(), Embedder(bag_of_words=True)
         self.collapse: dict = {"collapsed_iterations": [], "last": None}
 
-    def update(self, iteration: int, ro: Rollout, kl: float, alerts_file: Path) -> dict[str, float]:
+    def update(self, iteration: int, prompts: list[str], responses: list[str], rm_scores: list[float], rm_std: float,
+               kl: float, alerts_file: Path) -> dict[str, float]:
+        """One rollout's samples (every process's), their reward-model scores and mean ensemble std, and its KL."""
         from rlhf.evaluation.diversity import diversity_report
 
-        gold = [judge_prompt(p, r).total for p, r in zip(ro.prompts, ro.responses)] if self.world else None
-        alerts = self.hacking.update(iteration, ro.responses, ro.rm_scores.tolist(), kl, gold,
-                                     ro.rm_std.mean().item() if self.ensemble else None)
+        gold = [judge_prompt(p, r).total for p, r in zip(prompts, responses)] if self.world else None
+        alerts = self.hacking.update(iteration, responses, rm_scores, kl, gold, rm_std if self.ensemble else None)
         if alerts:
             with alerts_file.open("a") as f:  # appended as they fire: a crash keeps what was seen
                 f.writelines(json.dumps(asdict(a)) + "\n" for a in alerts)
-        div = diversity_report(ro.responses, self.embedder)
+        div = diversity_report(responses, self.embedder)
         if div["is_collapsed"]:
             self.collapse["collapsed_iterations"].append(iteration)
             if len(self.collapse["collapsed_iterations"]) == 1:

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -26,13 +25,13 @@ from rlhf.config import DataConfig, DPOConfig, RewardConfig, require
 from rlhf.configlib import to_dict
 from rlhf.data.chat import IGNORE_INDEX, TooLong, encode_sft, pad_left
 from rlhf.data.io import DataError, PreferenceExample
-from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
+from rlhf.fsutil import check_out, main_process_dir, write_json_atomic
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.models.policy import keeps_logits, cache_kwarg, gather_logprobs, response_logits, unwrap
 from rlhf.models.reward import collate_sequences
 from rlhf.report.metrics import MetricsLogger
 from rlhf.stages.reward import filter_annotators, load_pairs
-from rlhf.training import fit, make_accelerator
+from rlhf.training import eval_batch_size, fit, make_accelerator
 
 log = logging.getLogger("rlhf.dpo")
 
@@ -227,14 +226,13 @@ def run_dpo(cfg: DPOConfig) -> dict:
     model.to(acc.device)
     share = cfg.share_prompt and not cfg.train.gradient_checkpointing
     pad_id = tok.pad_token_id
-    add_reference_logprobs(model, train_pairs + val_pairs, pad_id, cfg.train.batch_size, share, acc.device)
+    bs = eval_batch_size(cfg.train)
+    add_reference_logprobs(model, train_pairs + val_pairs, pad_id, bs, share, acc.device)
     loss = DPOLoss(cfg, share)
-    bs = cfg.train.batch_size
     val_batches = [collate_dpo(val_pairs[i : i + bs], pad_id) for i in range(0, len(val_pairs), bs)]
     validate = make_validate(loss, val_batches, acc.device) if val_batches else None
     log.info("dpo: %d pairs (%d validation), beta %g, loss %s", len(train_pairs), len(val_pairs), cfg.beta, cfg.loss_type)
-    with atomic_dir(cfg.out) as tmp:
-        tmp = Path(tmp)
+    with main_process_dir(cfg.out) as tmp:  # several processes: the main one writes
         with MetricsLogger(tmp, enabled=acc.is_main_process) as logger:
             initial = validate(model) if validate else {}
             result = fit(model, train_pairs, lambda rows: collate_dpo(rows, pad_id), cfg.train, loss_fn=loss,
@@ -246,7 +244,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         save_model(model, tok, tmp, lora_save=cfg.lora.save)
         summary = {"stage": "dpo", "pairs": len(train_pairs), "val_pairs": len(val_pairs), "rows": len(train),
                    "skipped_rows": skipped, "dropped_overlong": dropped, "dropped_annotators": dropped_annotators,
-                   "steps": result.steps, "seconds": time.perf_counter() - start, "train_seconds": result.seconds,
+                   "steps": result.steps, "processes": result.processes, "seconds": time.perf_counter() - start, "train_seconds": result.seconds,
                    "initial": initial, "final": final, "pairs_per_sec": result.units / max(result.seconds, 1e-9), "config": to_dict(cfg)}
         write_json_atomic(tmp / "stage.json", summary)
     return summary

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from rlhf import distributed
 from rlhf.config import EvalRMConfig, RunConfig
 from rlhf.configlib import to_dict
 from rlhf.evaluation.alignment_tax import alignment_tax
@@ -38,17 +39,28 @@ SUMMARY_KEYS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", 
                 "mean_length", "eos_rate")
 
 
-def _stage(name: str, done: bool, times: dict, fn, *args):
-    """Run one stage unless its output exists; time it (into ``times``) and say what happened."""
+# The stages that several processes train together; the main process runs the others while the rest wait.
+TRAINING_STAGES = ("pretrain", "sft", "rm", "ppo")
+
+
+def _stage(name: str, done: bool, times: dict, fn, *args, together: bool = True) -> None:
+    """Run one stage unless its output exists; time it (into ``times``) and say what happened. ``together``: every
+    process takes part (the training stages) or waits for the main one; else the main process runs it alone."""
+    main = distributed.is_main()
     if done:
-        console.print(f"[dim]- {name}: finished output found, skipped[/dim]")
-        return None
-    console.rule(f"[bold]{name}")
+        if main:
+            console.print(f"[dim]- {name}: finished output found, skipped[/dim]")
+        return
+    if main:
+        console.rule(f"[bold]{name}")
     start = time.perf_counter()
-    result = fn(*args)
+    if main or name in TRAINING_STAGES:
+        fn(*args)
+    if together:
+        distributed.barrier()  # the stage's output is in place before any process reads it
     times[name] = round(time.perf_counter() - start, 1)
-    console.print(f"[green]- {name}: done in {times[name]:.0f}s")
-    return result
+    if main:
+        console.print(f"[green]- {name}: done in {times[name]:.0f}s")
 
 
 def make_world(cfg: RunConfig, out: Path) -> None:
@@ -110,10 +122,12 @@ def run_pipeline(cfg: RunConfig) -> dict:
     cfg = stage_configs(cfg)
     root = Path(cfg.out)
     check_out(root, stage="run", kind="dir", state=run_state, resume=True)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "config.json", to_dict(cfg))
     summary_path = root / "summary.json"
     times = json.loads(summary_path.read_text()).get("time_seconds", {}) if summary_path.is_file() else {}
+    distributed.barrier()  # every process has looked at the folder before the main one writes to it
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / "config.json", to_dict(cfg))
     world = root / "world"
     _stage("world", (world / "world.json").is_file(), times, make_world, cfg, world)
     _stage("pretrain", stage_done(cfg.pretrain.out) is not None, times, run_pretrain, cfg.pretrain)
@@ -126,17 +140,18 @@ def run_pipeline(cfg: RunConfig) -> dict:
                            max_length=cfg.rm.data.max_length, load=cfg.rm.load)
     _stage("eval rm", Path(rm_eval.out).is_file(), times, run_eval_rm, rm_eval)
     _stage("ppo", stage_done(cfg.ppo.out) is not None, times, run_ppo, cfg.ppo)
-    results = {}
     for name, model, against in (("base", cfg.pretrain.out, None), ("sft", cfg.sft.out, cfg.pretrain.out),
                                  ("ppo", cfg.ppo.out, cfg.sft.out)):
         ev = copy.deepcopy(cfg.eval)
         ev.model, ev.against, ev.out = model, against, str(root / "eval" / f"{name}.json")
         ev.reward_model = ev.reward_model or cfg.rm.out
         _stage(f"eval {name}", Path(ev.out).is_file(), times, run_eval, ev)
-        results[name] = json.loads(Path(ev.out).read_text())
     kl_path = root / "eval" / "kl.json"
     _stage("eval kl", kl_path.is_file(), times, write_policy_kl, cfg.ppo, cfg.eval, kl_path)
     _stage("redteam", (Path(cfg.redteam.out) / "redteam.json").is_file(), times, run_redteam, cfg.redteam)
+    if not distributed.is_main():
+        return {}
+    results = {name: json.loads((root / "eval" / f"{name}.json").read_text()) for name in ("base", "sft", "ppo")}
     ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"],
            "win_rate_vs_sft_ci95": results["ppo"].get("intervals", {}).get("win_rate"),
            "kl": json.loads(kl_path.read_text())["kl"],
@@ -145,7 +160,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
                "redteam": headline(json.loads((Path(cfg.redteam.out) / "redteam.json").read_text())),
                "alignment_tax": alignment_tax(results), "time_seconds": times}
     write_json_atomic(summary_path, summary)
-    _stage("report", False, times, build_report, root)
+    _stage("report", False, times, build_report, root, together=False)
     print_summary(summary)
     console.print(f"report: {root / 'report.html'}")
     return summary

@@ -28,9 +28,10 @@ from collections.abc import Sequence
 
 from accelerate import PartialState
 
+from rlhf import distributed
 from rlhf.algos.ppo import explained_variance, kl_controller, kl_penalty, sequence_kl
 from rlhf.config import PPOConfig, require
-from rlhf.configlib import to_dict
+from rlhf.configlib import ConfigError, to_dict
 from rlhf.models.loading import check_length
 from rlhf.models.policy import unwrap
 from rlhf.report.metrics import MetricsLogger
@@ -44,6 +45,7 @@ from rlhf.rl.monitor import Monitor
 from rlhf.rl.prompts import load_prompt_stream, load_ptx, steering
 from rlhf.rl.types import RewardComponent, Rollout
 from rlhf.rollout import make_engine
+from rlhf.training import rank_share
 from rlhf.world import derive_seed, judge_prompt
 
 log = logging.getLogger("rlhf.ppo")
@@ -57,6 +59,7 @@ class RLRun:
     """
 
     def __init__(self, cfg: PPOConfig, components: Sequence[RewardComponent] = ()):
+        check_processes(cfg, distributed.processes())
         self.cfg = cfg
         self.algorithm = ALGORITHMS[cfg.algorithm]
         # The device from accelerate (CUDA when visible); the loop runs in fp32: log-prob ratios need the precision.
@@ -67,23 +70,33 @@ class RLRun:
         self.experience = ExperienceMaker(cfg, self.m, self.prompts, engine, steering(cfg, self.m.tok), components,
                                           self.device)
         self.learner = Learner(cfg, self.m, self.algorithm, self.device,
-                               load_ptx(cfg, self.m.tok) if cfg.ptx_coef > 0 else [], self._seed)
+                               load_ptx(cfg, self.m.tok) if cfg.ptx_coef > 0 else [], self._rank_seed)
         self.kl_ctl = kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
         self.checkpointer = Checkpointer(cfg, self.m, self.learner.optimisers(), self.kl_ctl, self.device)
         self.iteration = 0
+        # Several processes: each holds whole models; newly initialised weights (LoRA, a value head) are rank 0's.
+        distributed.broadcast_parameters([*self.learner.policy_params, *self.m.critic_parameters()])
 
     def _seed(self, purpose: str) -> int:
         """Randomness of iteration i derives from a hash of (seed, i, purpose): a resumed run draws what the
         original drew, and no two (seed, iteration, purpose) share a stream (a linear mix of them can)."""
         return derive_seed(self.cfg.seed, f"ppo/{self.iteration}/{purpose}")
 
+    def _rank_seed(self, purpose: str) -> int:
+        """This process's own stream for a purpose (rank 0's is the one-process stream)."""
+        rank = distributed.rank()
+        return self._seed(f"{purpose}/rank{rank}" if rank else purpose)
+
     def rollout(self) -> tuple[Rollout, dict[str, float]]:
         """Steps 1-5: a scored rollout with its rewards and advantages, and its statistics."""
         cfg, k = self.cfg, self.cfg.num_generations
-        # K samples of each prompt, adjacent (the group baselines read them so).
-        idx = [i for i in self.prompts.batch(self.iteration, cfg.batch_size // k) for _ in range(k)]
-        ro, stats = self.experience.make(idx, self._seed("rollout"))  # 1-3
-        self.algorithm.advantages(ro, cfg, self.kl_ctl.value)  # 4-5
+        # This process's share of the iteration's prompts, K samples of each, adjacent (the group baselines read
+        # them so, and a group never spans two processes).
+        prompts = rank_share(self.prompts.batch(self.iteration, cfg.batch_size // k), distributed.rank(),
+                             distributed.processes())
+        idx = [i for i in prompts for _ in range(k)]
+        ro, stats = self.experience.make(idx, self._rank_seed("rollout"))  # 1-3
+        self.algorithm.advantages(ro, cfg, self.kl_ctl.value)  # 4-5 (whitening over the global batch)
         seq_kl = sequence_kl(kl_penalty(ro.logprobs, ro.ref_logprobs, "k1"), ro.response_mask)  # (B,) the KL the controller tracks
         stats.update({"objective/rlhf_reward": (ro.scores - self.kl_ctl.value * seq_kl).mean().item(),
                       "objective/kl": seq_kl.mean().item(), "objective/kl_coef": self.kl_ctl.value})
@@ -91,7 +104,8 @@ class RLRun:
             stats["val/explained_variance"] = explained_variance(ro.values, ro.returns, ro.response_mask).item()
         if self.world:  # measured, never trained on: the truth to hold the proxy against
             stats["objective/gold"] = sum(judge_prompt(p, r).total for p, r in zip(ro.prompts, ro.responses)) / len(ro.prompts)
-        return ro, stats
+        # Every process has as many samples: the means of the processes' means are the global batch's.
+        return ro, distributed.mean_over_processes(stats)
 
     def update(self, ro: Rollout) -> dict[str, float]:
         """Step 6."""
@@ -109,6 +123,15 @@ class RLRun:
         self.iteration += 1
         stats.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "lr": lr})
         return stats, ro
+
+
+def check_processes(cfg: PPOConfig, n: int) -> None:
+    """Each of n processes takes an equal share of every rollout (whole groups) and of every minibatch."""
+    prompts = cfg.batch_size // cfg.num_generations
+    if prompts % n or cfg.mini_batch_size % n:
+        raise ConfigError(f"ppo: under {n} processes the prompts per rollout (batch_size / num_generations = {prompts}) "
+                          f"and ppo.mini_batch_size ({cfg.mini_batch_size}) must be multiples of {n}: each process "
+                          "takes an equal share of both")
 
 
 def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
@@ -131,23 +154,31 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
     monitor = Monitor(run.world, len(run.m.reward.members) > 1)
     if first and (saved := max(checkpoints(out), key=checkpoint_step) / "monitor.json").is_file():
         monitor.load_state_dict(json.loads(saved.read_text()))
+    main = distributed.is_main()  # several processes: the main one writes metrics, alerts, checkpoints, the model
     # purge_step: TensorBoard hides what an interrupted attempt logged past the checkpoint.
-    with MetricsLogger(out, purge_step=first + 1 if first else None) as logger, progress_bar(cfg.algorithm, cfg.iterations) as bar:
+    with MetricsLogger(out, purge_step=first + 1 if first else None, enabled=main) as logger, \
+            progress_bar(cfg.algorithm, cfg.iterations, enabled=main) as bar:
         bar.update(advance=first)
         while run.iteration < cfg.iterations:
             last, ro = run.step()
-            last.update(monitor.update(run.iteration, ro, last["objective/kl"], out / "alerts.jsonl"))
+            # The monitors read every process's samples.
+            seen = distributed.gather_objects((ro.prompts, ro.responses, ro.rm_scores.tolist(), ro.rm_std.mean().item()))
+            if main:
+                last.update(monitor.update(run.iteration, *(sum((s[i] for s in seen), []) for i in range(3)),
+                                           sum(s[3] for s in seen) / len(seen), last["objective/kl"], out / "alerts.jsonl"))
             bar.update(score=last["objective/scores"], kl=last["objective/kl"], **(
                 {"gold": last["objective/gold"]} if "objective/gold" in last else {}))
             if run.iteration % cfg.log_every == 0 or run.iteration == cfg.iterations:
                 logger.log(run.iteration, **last)
-            if cfg.save_every and run.iteration % cfg.save_every == 0 and run.iteration < cfg.iterations:
+            if main and cfg.save_every and run.iteration % cfg.save_every == 0 and run.iteration < cfg.iterations:
                 run.checkpointer.save(out, run.iteration, monitor.state_dict())
-    if first < cfg.iterations or not checkpoints(out):
+    if main and (first < cfg.iterations or not checkpoints(out)):
         run.checkpointer.save(out, run.iteration, monitor.state_dict())
-    summary = {"stage": "ppo", "algorithm": cfg.algorithm, "iterations": run.iteration, "resumed_from": first or None,
+    summary = {"stage": "ppo", "algorithm": cfg.algorithm, "iterations": run.iteration, "processes": distributed.processes(), "resumed_from": first or None,
                "seconds": time.perf_counter() - start, "final": last, "kl_coef": run.kl_ctl.value,
                "world": run.world, "dropped_prompts": run.prompts.dropped, "hacking": monitor.hacking.summary(),
                "collapse": monitor.collapse, "config": to_dict(cfg)}
-    save_final(run.m, cfg, out, summary)
+    if main:
+        save_final(run.m, cfg, out, summary)
+    distributed.barrier()  # no process returns before the folder is finished
     return summary

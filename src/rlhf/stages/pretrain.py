@@ -18,10 +18,10 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from rlhf.config import PretrainConfig, require
 from rlhf.configlib import to_dict
 from rlhf.data.io import DataError, load_records
-from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
+from rlhf.fsutil import check_out, main_process_dir, write_json_atomic
 from rlhf.models.tokenizer import train_tokenizer
 from rlhf.report.metrics import MetricsLogger
-from rlhf.training import evaluate_loss, fit, lm_loss, make_accelerator
+from rlhf.training import eval_batch_size, evaluate_loss, fit, lm_loss, make_accelerator
 
 log = logging.getLogger("rlhf.pretrain")
 
@@ -89,9 +89,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         ids = torch.stack(rows)  # (B, T)
         return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
-    val_batches = [collate(list(val_blocks[i : i + cfg.train.batch_size])) for i in range(0, n_val, cfg.train.batch_size)]
+    bs = eval_batch_size(cfg.train)
+    val_batches = [collate(list(val_blocks[i : i + bs])) for i in range(0, n_val, bs)]
     acc = make_accelerator(cfg.train)
-    with atomic_dir(cfg.out) as tmp:
+    with main_process_dir(cfg.out) as tmp:  # several processes: the main one writes
         with MetricsLogger(tmp, enabled=acc.is_main_process) as logger:
             initial_val = evaluate_loss(model, val_batches, lm_loss, acc.device)
             result = fit(model, list(train_blocks), collate, cfg.train, loss_fn=lm_loss,
@@ -103,7 +104,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         tok.save_pretrained(str(tmp))
         summary = {
             "stage": "pretrain", "parameters": n_params, "train_tokens": int(train_blocks.numel()),
-            "steps": result.steps, "initial_val_loss": initial_val, "val_loss": result.val_losses[-1] if result.val_losses else None,
+            "steps": result.steps, "processes": result.processes, "initial_val_loss": initial_val, "val_loss": result.val_losses[-1] if result.val_losses else None,
             "tokens_per_sec": result.tokens_per_sec, "seconds": result.seconds, "config": to_dict(cfg),
         }
         write_json_atomic(tmp / "stage.json", summary)

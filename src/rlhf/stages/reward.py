@@ -23,7 +23,7 @@ from rlhf.configlib import to_dict
 from rlhf.data.io import DataError, PreferenceExample, load_preferences, load_prompts, to_record
 from rlhf.evaluation.agreement import annotator_report, units_from_preferences
 from rlhf.data.chat import TooLong, count_control_rows, report_control_rows, stop_ids
-from rlhf.fsutil import atomic_dir, check_out, write_json_atomic
+from rlhf.fsutil import check_out, main_process_dir, write_json_atomic
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.models.reward import (
     ENSEMBLE_FILE,
@@ -38,7 +38,7 @@ from rlhf.models.reward import (
 )
 from rlhf.report.metrics import MetricsLogger
 from rlhf.stages.collect import stats_path
-from rlhf.training import fit, make_accelerator
+from rlhf.training import eval_batch_size, fit, make_accelerator
 
 log = logging.getLogger("rlhf.rm")
 
@@ -299,7 +299,7 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     collate = pair_collator(cfg, tok.pad_token_id if tok.pad_token_id is not None else 0, encoder)
-    bs = cfg.train.batch_size
+    bs = eval_batch_size(cfg.train)
     val_batches = [collate(val_pairs[i : i + bs]) for i in range(0, len(val_pairs), bs)]
     acc = make_accelerator(train_cfg)
     loss_fn = make_loss_fn(cfg)
@@ -321,7 +321,7 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
     save_model(model, tok, out, lora_save=cfg.lora.save)
     return {
         "member": index, "seed": seed, "pairs": len(train_pairs), "val_pairs": len(val_pairs), **counts, "steps": result.steps,
-        "trainable_parameters": trainable, "initial_val_accuracy": initial.get("val/accuracy"),
+        "processes": result.processes, "trainable_parameters": trainable, "initial_val_accuracy": initial.get("val/accuracy"),
         "val_accuracy": final.get("val/accuracy"), "val_loss": final.get("val/loss"),
         "reward_mean": mean, "reward_std": std, "pairs_per_sec": result.units / max(result.seconds, 1e-9),
         "seconds": result.seconds,
@@ -339,8 +339,7 @@ def run_rm(cfg: RewardConfig) -> dict:
     train, val, skipped = load_pairs(cfg.data, cfg.train.seed)
     train, dropped_annotators = filter_annotators(cfg, train)
     norm_samples = normalization_samples(cfg, train)
-    with atomic_dir(cfg.out) as tmp:
-        tmp = Path(tmp)
+    with main_process_dir(cfg.out) as tmp:  # several processes: the main one writes
         names = [f"member_{i}" for i in range(cfg.ensemble)] if cfg.ensemble > 1 else ["."]
         members = [train_member(cfg, i, train, val, norm_samples, tmp / name) for i, name in enumerate(names)]
         if cfg.ensemble > 1:

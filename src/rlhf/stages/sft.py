@@ -18,7 +18,7 @@ from rlhf.data.io import DataError, SFTExample, load_sft
 from rlhf.fsutil import check_out, main_process_dir, write_json_atomic
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
 from rlhf.report.metrics import MetricsLogger
-from rlhf.training import evaluate_loss, fit, lm_loss, make_accelerator
+from rlhf.training import eval_batch_size, evaluate_loss, fit, lm_loss, make_accelerator
 
 log = logging.getLogger("rlhf.sft")
 
@@ -85,12 +85,13 @@ def run_sft(cfg: SFTConfig) -> dict:
     def collate(rows: list[Encoded]):
         return pad_right(rows, tok.pad_token_id)
 
-    val_batches = [collate(val[i : i + cfg.train.batch_size]) for i in range(0, len(val), cfg.train.batch_size)]
+    bs = eval_batch_size(cfg.train)
+    val_batches = [collate(val[i : i + bs]) for i in range(0, len(val), bs)]
     acc = make_accelerator(cfg.train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("SFT on %d samples (%d validation); %.2fM trainable parameters", len(train), len(val), trainable / 1e6)
     model.to(acc.device)
-    with main_process_dir(cfg.out, acc.is_main_process) as tmp:  # several processes: the main one writes
+    with main_process_dir(cfg.out) as tmp:  # several processes: the main one writes
         with MetricsLogger(tmp, enabled=acc.is_main_process) as logger:
             initial_val = evaluate_loss(model, val_batches, lm_loss, acc.device) if val_batches else None
             result = fit(model, train, collate, cfg.train, loss_fn=lm_loss, val_batches=val_batches,
@@ -98,7 +99,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         save_model(acc.unwrap_model(model), tok, tmp, lora_save=cfg.lora.save)
         summary = {
             "stage": "sft", "samples": len(train), "val_samples": len(val), "trainable_parameters": trainable,
-            "steps": result.steps, "initial_val_loss": initial_val,
+            "steps": result.steps, "processes": result.processes, "initial_val_loss": initial_val,
             "val_loss": result.val_losses[-1] if result.val_losses else None,
             "best_val_loss": result.best_val_loss if result.val_losses else None,
             "stopped_early": result.stopped_early, "tokens_per_sec": result.tokens_per_sec,
@@ -106,5 +107,4 @@ def run_sft(cfg: SFTConfig) -> dict:
             "seconds": result.seconds, "config": to_dict(cfg),
         }
         write_json_atomic(Path(tmp) / "stage.json", summary)
-    acc.wait_for_everyone()  # no process returns before the folder is in place
     return summary
