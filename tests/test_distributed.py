@@ -91,6 +91,27 @@ def test_rm_stage_under_two_processes_equals_one_process(tiny_llama, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+def test_dpo_stage_under_two_processes_equals_one_process(tiny_llama, tmp_path):
+    from tests.test_reward import separable_rows, write_rows
+
+    train = write_rows(tmp_path / "train.jsonl", separable_rows(32))
+    val = write_rows(tmp_path / "val.jsonl", separable_rows(8, offset=5))
+
+    def dpo(out: Path, launcher: list[str]) -> dict:
+        run([*launcher, "dpo", "--policy", str(tiny_llama), "--data.path", str(train), "--data.val_path", str(val),
+             "--out", str(out), "--data.max_length", "64", "--train.max_steps", "3", "--train.batch_size", "8",
+             "--train.lr", "1e-3", "--train.warmup_ratio", "0", "--train.schedule", "constant"])
+        return json.loads((out / "stage.json").read_text())
+
+    one = dpo(tmp_path / "one", [sys.executable, "-m", "rlhf.cli"])
+    two = dpo(tmp_path / "two", [sys.executable, "-m", "rlhf.cli", "--num_processes", "2"])
+    assert (one["steps"], one["processes"], two["steps"], two["processes"]) == (3, 1, 3, 2)
+    assert abs(one["final"]["val/loss"] - two["final"]["val/loss"]) < 1e-5
+    assert one["final"]["val/loss"] < one["initial"]["val/loss"]  # it trained
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 def test_ppo_under_two_processes_learns_with_global_statistics_and_rank_0_writes(tiny_llama, flat_rm, prompt_file,
                                                                                 tmp_path):
     from rlhf.report.metrics import read_metrics

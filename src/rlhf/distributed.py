@@ -61,13 +61,18 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def mean_over_processes(stats: dict[str, float]) -> dict[str, float]:
-    """Each statistic averaged over the processes (every process must hold the same keys)."""
+def sum_over_processes(stats: dict[str, float]) -> dict[str, float]:
+    """Each statistic summed over the processes, in one all-reduce (every process must hold the same keys)."""
     if processes() == 1 or not stats:
         return stats
     keys = sorted(stats)
     total = all_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=_device()))
-    return {k: v / processes() for k, v in zip(keys, total.tolist())}
+    return dict(zip(keys, total.tolist()))
+
+
+def mean_over_processes(stats: dict[str, float]) -> dict[str, float]:
+    """Each statistic averaged over the processes (every process must hold the same keys)."""
+    return {k: v / processes() for k, v in sum_over_processes(stats).items()}
 
 
 def gather_objects(obj: Any) -> list[Any]:

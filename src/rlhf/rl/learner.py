@@ -96,8 +96,7 @@ class Learner:
             ptx_loss = self._ptx_loss()
             (cfg.ptx_coef * ptx_loss / distributed.processes()).backward()
             stats["ptx/loss"] = ptx_loss.item() / distributed.processes()
-        stats = {k: v for k, v in zip(sorted(stats), distributed.all_sum(
-            torch.tensor([stats[k] for k in sorted(stats)], dtype=torch.float64, device=self.device)).tolist())}
+        stats = distributed.sum_over_processes(stats)  # the shares' weighted sums: the whole minibatch's means
         for opt, params in ((self.policy_opt, self.policy_params), (self.critic_opt, self.m.critic_parameters())):
             if opt is None:
                 continue

@@ -134,6 +134,13 @@ def check_processes(cfg: PPOConfig, n: int) -> None:
                           "takes an equal share of both")
 
 
+def gathered_samples(ro: Rollout) -> tuple[list[str], list[str], list[float], float]:
+    """Every process's prompts, responses and reward-model scores (in rank order), and the mean ensemble std."""
+    seen = distributed.gather_objects((ro.prompts, ro.responses, ro.rm_scores.tolist(), ro.rm_std.mean().item()))
+    prompts, responses, scores = ([x for s in seen for x in s[i]] for i in range(3))
+    return prompts, responses, scores, sum(s[3] for s in seen) / len(seen)
+
+
 def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
     """Optimise cfg.policy against cfg.reward_model on cfg.prompts; write cfg.out; return a summary."""
     from rlhf.safety.rewards import safety_components
@@ -161,11 +168,9 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
         bar.update(advance=first)
         while run.iteration < cfg.iterations:
             last, ro = run.step()
-            # The monitors read every process's samples.
-            seen = distributed.gather_objects((ro.prompts, ro.responses, ro.rm_scores.tolist(), ro.rm_std.mean().item()))
+            samples = gathered_samples(ro)  # the monitors read every process's samples
             if main:
-                last.update(monitor.update(run.iteration, *(sum((s[i] for s in seen), []) for i in range(3)),
-                                           sum(s[3] for s in seen) / len(seen), last["objective/kl"], out / "alerts.jsonl"))
+                last.update(monitor.update(run.iteration, *samples, last["objective/kl"], out / "alerts.jsonl"))
             bar.update(score=last["objective/scores"], kl=last["objective/kl"], **(
                 {"gold": last["objective/gold"]} if "objective/gold" in last else {}))
             if run.iteration % cfg.log_every == 0 or run.iteration == cfg.iterations:
@@ -174,8 +179,8 @@ def run_ppo(cfg: PPOConfig, components: Sequence[RewardComponent] = ()) -> dict:
                 run.checkpointer.save(out, run.iteration, monitor.state_dict())
     if main and (first < cfg.iterations or not checkpoints(out)):
         run.checkpointer.save(out, run.iteration, monitor.state_dict())
-    summary = {"stage": "ppo", "algorithm": cfg.algorithm, "iterations": run.iteration, "processes": distributed.processes(), "resumed_from": first or None,
-               "seconds": time.perf_counter() - start, "final": last, "kl_coef": run.kl_ctl.value,
+    summary = {"stage": "ppo", "algorithm": cfg.algorithm, "iterations": run.iteration,
+               "processes": distributed.processes(), "resumed_from": first or None, "seconds": time.perf_counter() - start, "final": last, "kl_coef": run.kl_ctl.value,
                "world": run.world, "dropped_prompts": run.prompts.dropped, "hacking": monitor.hacking.summary(),
                "collapse": monitor.collapse, "config": to_dict(cfg)}
     if main:
