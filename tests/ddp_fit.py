@@ -8,6 +8,7 @@ import sys
 
 from safetensors.torch import save_file
 
+from rlhf import distributed
 from rlhf.config import DataConfig, TrainConfig
 from rlhf.data.chat import pad_right
 from rlhf.data.io import load_sft
@@ -25,6 +26,7 @@ class Losses:
 
 
 def main(model_dir: str, data: str, batch_size: int, micro: int, out: str) -> None:
+    distributed.init()  # as `rlhf` starts it
     model, tok = load_causal_lm(model_dir)
     items, _ = encode_examples(tok, list(load_sft(data)), DataConfig(path=data, max_length=64))
     cfg = TrainConfig(max_steps=4, batch_size=batch_size, micro_batch_size=micro or None, lr=1e-3, warmup_ratio=0.0, schedule="constant",

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from tests.conftest import write_sft_file
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+# No ACCELERATE_USE_CPU: rlhf puts a launch on a machine without CUDA on the CPU itself (distributed.init).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -183,7 +184,7 @@ def test_killing_one_rank_stops_the_run_and_resume_reproduces_it(tiny_llama, fla
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
 # What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets for the processes it starts.
-FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+FSDP2_ENV = {"ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
              "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
              "FSDP_ACTIVATION_CHECKPOINTING": "true"}
 
@@ -228,3 +229,14 @@ def test_fsdp2_sft_on_cpu_equals_one_process(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_num_processes_anywhere_on_the_line_and_refused_for_one_process_commands(capsys):
+    from rlhf.cli import _take_num_processes, main
+
+    assert _take_num_processes(["sft", "--num_processes", "4", "--model", "m"]) == (["sft", "--model", "m"], 4)
+    assert _take_num_processes(["--num_processes=2", "run"]) == (["run"], 2)
+    with pytest.raises(SystemExit, match="whole number"):
+        _take_num_processes(["sft", "--num_processes", "two"])
+    assert main(["eval", "--model", "m", "--num_processes", "2"]) == 2  # refused before anything starts
+    assert "only pretrain, sft, rm, ppo, rl, dpo, run run as several processes" in capsys.readouterr().err

@@ -317,8 +317,7 @@ def launch(argv: list[str], n: int) -> int:
     import torch
 
     env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "1"
+    if not torch.cuda.is_available():  # each process its share of the cores (distributed.init puts them on the CPU)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "rlhf.cli", *argv]
     print("rlhf: " + " ".join(cmd[1:]), file=sys.stderr)

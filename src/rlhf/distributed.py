@@ -31,6 +31,8 @@ def init() -> None:
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
 
+        if not torch.cuda.is_available():  # a plain `torchrun` on a CPU machine: processes on the CPU over gloo
+            os.environ.setdefault("ACCELERATE_USE_CPU", "1")
         # cpu as the Accelerator will read it: a PartialState made without it on a CPU launch is one process.
         PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=TIMEOUT)
 
