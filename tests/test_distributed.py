@@ -113,20 +113,23 @@ def test_dpo_stage_under_two_processes_equals_one_process(tiny_llama, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_ppo_under_two_processes_learns_with_global_statistics_and_rank_0_writes(tiny_llama, flat_rm, prompt_file,
-                                                                                tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_rl_under_two_processes_learns_with_global_statistics_and_rank_0_writes(algorithm, tiny_llama, flat_rm,
+                                                                               prompt_file, tmp_path):
     from rlhf.report.metrics import read_metrics
 
     out, report = tmp_path / "ppo", tmp_path / "report"
     run([*TORCHRUN, str(SCRIPT.with_name("ddp_ppo.py")), str(tiny_llama), str(flat_rm), str(prompt_file), str(out),
-         str(report)])
+         str(report), algorithm])
     ranks = [json.loads(Path(f"{report}.rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["processes"] for r in ranks] == [2, 2] and ranks[0]["iterations"] == 24
-    # Whitening over the 16 samples of both processes, as one process computes it on the gathered rollout; a
-    # process's own 8 samples would give other advantages.
-    check = ranks[0]["whitening"]
+    # The advantages of the 16 samples of both processes, as one process computes them on the gathered rollout.
+    check = ranks[0]["advantages"]
     assert check["rows"] == 16 and check["max_diff"] < 1e-5
-    assert all(r["whitening"]["local_diff"] > 1e-3 for r in ranks)
+    if algorithm == "ppo":  # a process's own 8 samples would whiten to other advantages
+        assert all(r["advantages"]["local"] > 1e-3 for r in ranks)
+    else:  # each process holds whole groups of K = 4 samples of one prompt
+        assert all(r["advantages"]["local"] == 1.0 for r in ranks)
     # The main process wrote the folder; the other wrote nothing in it.
     assert ranks[1]["writes"] == [] and "metrics.jsonl" in ranks[0]["writes"]
     assert (out / "stage.json").is_file() and (out / "model.safetensors").is_file()
