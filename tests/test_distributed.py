@@ -243,3 +243,26 @@ def test_num_processes_anywhere_on_the_line_and_refused_for_one_process_commands
         _take_num_processes(["sft", "--num_processes", "two"])
     assert main(["eval", "--model", "m", "--num_processes", "2"]) == 2  # refused before anything starts
     assert "only pretrain, sft, rm, ppo, rl, dpo, run run as several processes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_each_process_takes_its_share_of_every_global_batch(grouped):
+    from types import SimpleNamespace
+
+    from rlhf.config import TrainConfig
+    from rlhf.training import Plan, _step_groups
+
+    n, cfg = 33, TrainConfig(batch_size=8, micro_batch_size=2, epochs=2, seed=3, group_by_length=grouped)
+    lengths = [i % 7 + 1 for i in range(n)] if grouped else None
+    plans = [Plan.make(cfg, n, p) for p in (1, 2)]
+    assert (plans[1].micro_batch_size, plans[1].grad_accum, plans[1].steps_per_epoch) == (2, 2, 4)  # the last 1 left out
+    one = list(_step_groups(n, cfg, plans[0], SimpleNamespace(process_index=0, num_processes=1), lengths))
+    ranks = [list(_step_groups(n, cfg, plans[1], SimpleNamespace(process_index=r, num_processes=2), lengths))
+             for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 8
+    full = [sum(g, []) for g in one if len(sum(g, [])) >= 2]  # one process's steps, less the batch of 1
+    for step, (a, b) in enumerate(zip(*ranks)):
+        mine, theirs = sum(a, []), sum(b, [])
+        assert mine and theirs and not set(mine) & set(theirs)
+        assert mine + theirs == full[step]  # the same global batch, split between the processes
+        assert all(len(m) <= 2 for m in a + b)

@@ -173,7 +173,8 @@ def _step_groups(n: int, cfg: TrainConfig, plan: Plan, acc: Accelerator, lengths
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     while True:
-        for batch in epoch_batches(n, cfg.batch_size, gen, lengths)[: plan.steps_per_epoch]:
+        # A batch smaller than the number of processes (an epoch's last, wherever length grouping put it) is left out.
+        for batch in [b for b in epoch_batches(n, cfg.batch_size, gen, lengths) if len(b) >= plan.processes]:
             if step >= plan.total_steps:
                 return
             mine = rank_share(batch, acc.process_index, acc.num_processes)
