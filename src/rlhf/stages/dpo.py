@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from rlhf import distributed
 from rlhf.algos.dpo import dpo_loss
 from rlhf.config import DataConfig, DPOConfig, RewardConfig, require
 from rlhf.configlib import to_dict
@@ -140,17 +141,21 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], share_prompt: bool)
 def add_reference_logprobs(model, pairs: list[DPOPair], pad_id: int, batch_size: int, share_prompt: bool,
                            device: torch.device) -> None:
     """The reference's log-probs of every response, once, before training: the untrained policy (with LoRA, its
-    adapters disabled), in eval mode."""
+    adapters disabled), in eval mode. Several processes share the batches and exchange the results."""
     was_training = model.training
     model.eval()
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    mine: dict[int, tuple[float, float]] = {}
     with off:
-        for start in range(0, len(pairs), batch_size):
+        step = batch_size * distributed.processes()
+        for start in range(batch_size * distributed.rank(), len(pairs), step):
             chunk = pairs[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_id).items()}
             lp = response_logprobs(model, batch, share_prompt).cpu()  # (2b,)
-            for p, c, r in zip(chunk, lp[0::2].tolist(), lp[1::2].tolist()):
-                p.ref_chosen, p.ref_rejected = c, r
+            mine.update(zip(range(start, start + len(chunk)), zip(lp[0::2].tolist(), lp[1::2].tolist())))
+    for part in distributed.gather_objects(mine):
+        for i, (c, r) in part.items():
+            pairs[i].ref_chosen, pairs[i].ref_rejected = c, r
     model.train(was_training)
 
 
