@@ -293,19 +293,16 @@ def _add_experiment(sub) -> None:
 
 def _take_num_processes(argv: list[str]) -> tuple[list[str], int]:
     """``--num_processes N`` (or ``=N``) anywhere on the command line, and the command line without it."""
-    rest, n, i = [], 1, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--num_processes" and i + 1 < len(argv):
-            n, i = argv[i + 1], i + 2
+    rest, n, args = [], "1", iter(argv)
+    for arg in args:
+        if arg == "--num_processes":
+            n = next(args, "")
         elif arg.startswith("--num_processes="):
-            n, i = arg.split("=", 1)[1], i + 1
+            n = arg.split("=", 1)[1]
         else:
             rest.append(arg)
-            i += 1
-            continue
-        if not str(n).isdigit() or int(n) < 1:
-            raise SystemExit(f"rlhf: error: --num_processes: must be a whole number >= 1, got {n!r}")
+    if not n.isdigit() or int(n) < 1:
+        raise SystemExit(f"rlhf: error: --num_processes: must be a whole number >= 1, got {n!r}")
     return rest, int(n)
 
 

@@ -98,15 +98,15 @@ def eval_batch_size(cfg: TrainConfig) -> int:
     return cfg.micro_batch_size or cfg.batch_size
 
 
-def split_batch(batch_size: int, micro_batch_size: int | None, processes: int, section: str = "train") -> tuple[int, int]:
+def split_batch(batch_size: int, micro_batch_size: int | None, processes: int) -> tuple[int, int]:
     """(micro-batch per device, accumulation steps) of a global batch: batch_size = micro * accumulation * processes."""
     if batch_size % processes:
-        raise ConfigError(f"{section}.batch_size ({batch_size}) is the global batch over all processes: it must be a "
+        raise ConfigError(f"train.batch_size ({batch_size}) is the global batch over all processes: it must be a "
                           f"multiple of the number of processes ({processes})")
     per_device = batch_size // processes
     micro = micro_batch_size or per_device
     if per_device % micro:
-        raise ConfigError(f"{section}.micro_batch_size ({micro}) must divide the per-device batch ({section}.batch_size "
+        raise ConfigError(f"train.micro_batch_size ({micro}) must divide the per-device batch (train.batch_size "
                           f"{batch_size} / {processes} processes = {per_device})")
     return micro, per_device // micro
 
