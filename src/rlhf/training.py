@@ -9,7 +9,9 @@ accelerate; the loop itself reads the same on a laptop CPU and on GPUs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import os
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from rlhf.algos.core import causal_lm_loss
 from rlhf.config import TrainConfig
@@ -70,7 +73,33 @@ def native_bf16() -> bool:
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16())
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    if fsdp_launch() and acc.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate shards only on accelerators and runs an FSDP launch on CPUs as plain data parallelism; torch's
+        # FSDP2 (fully_shard) runs over gloo as well, so a CPU launch with an FSDP config gets accelerate's FSDP2 path.
+        plugin = FullyShardedDataParallelPlugin()  # the FSDP_* settings `accelerate launch` exported
+        if acc.mixed_precision != "no":
+            plugin.set_mixed_precision(acc.mixed_precision)
+        # Both states: every AcceleratorState() made later (accelerate makes some in prepare) copies PartialState's.
+        PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+    return acc
+
+
+def fsdp_launch() -> bool:
+    """This process was started with an FSDP config (``accelerate launch`` exports ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def recomputes_activations(cfg: TrainConfig) -> bool:
+    """The backward pass recomputes each layer's forward: train.gradient_checkpointing, or an FSDP launch's activation
+    checkpointing. A KV cache filled in the forward (a shared prompt's) would be filled again: callers go without."""
+    return cfg.gradient_checkpointing or (fsdp_launch() and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true")
+
+
+def sharded(acc: Accelerator) -> bool:
+    """The prepared model's parameters are shards (FSDP): the model cannot be called outside its wrapper."""
+    return acc.distributed_type == DistributedType.FSDP
 
 
 @dataclass
@@ -83,6 +112,8 @@ class FitResult:
     """Scored units trained on: tokens for language models, pairs for reward models."""
     seconds: float = 0.0
     processes: int = 1
+    sharded: bool = False
+    """Trained under FSDP: parameters, gradients and optimiser state sharded over the processes."""
     train_loss: float = float("nan")
     val_losses: list[float] = field(default_factory=list)
     best_val_loss: float = float("inf")
@@ -260,7 +291,10 @@ def fit(
     """
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
-    optimizer = build_optimizer(model, cfg)
+    # FSDP shards the parameters of the module it prepares: it trains a copy, and ``model`` stays a plain model that
+    # the shards are gathered into for validation and at the end (what the stage then evaluates and saves).
+    trained = copy.deepcopy(model) if sharded(acc) else model
+    optimizer = build_optimizer(trained, cfg)
     plan = Plan.make(cfg, len(train_items), acc.num_processes)
     if acc.state.deepspeed_plugin is not None:  # no dataloader to read them from: DeepSpeed's batch geometry
         if plan.grad_accum > 1:  # DeepSpeed would step (and rescale the loss) at each micro-batch
@@ -268,13 +302,25 @@ def fit(
                               f"set it to the per-device batch ({plan.micro_batch_size * plan.grad_accum}) or use FSDP")
         acc.state.deepspeed_plugin.deepspeed_config.update(
             train_batch_size=plan.batch_size, train_micro_batch_size_per_gpu=plan.micro_batch_size, gradient_accumulation_steps=1)
-    wrapped, optimizer = acc.prepare(LossModule(model, loss_fn), optimizer)
+    wrapped, optimizer = acc.prepare(LossModule(trained, loss_fn), optimizer)
+    res, best, recent = FitResult(processes=acc.num_processes, sharded=sharded(acc)), _BestWeights(cfg.early_stopping_patience), []
+    gathered = [0]  # the step whose weights ``model`` holds
+    if res.sharded:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = sum(isinstance(m, FSDPModule) and not n.endswith("_checkpoint_wrapped_module")  # not a layer's inside
+                    for n, m in wrapped.named_modules())
+        log.info("%s: FSDP2 over %d processes, %d sharded units", desc, acc.num_processes, units)
+
+    def gather() -> None:
+        if res.sharded and gathered[0] != res.steps:
+            gather_full_weights(wrapped, model)
+            gathered[0] = res.steps
     log.info("%s: %d optimiser steps (%d per epoch); %s", desc, plan.total_steps, plan.steps_per_epoch, plan.describe())
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
-    res, best, recent = FitResult(processes=acc.num_processes), _BestWeights(cfg.early_stopping_patience), []
     start = time.perf_counter()
-    model.train()
+    trained.train()
     with progress_bar(desc, plan.total_steps, enabled=acc.is_main_process) as bar:
         for group in _step_groups(len(train_items), cfg, plan, acc, lengths if cfg.group_by_length else None):
             batches = [collate([train_items[i] for i in b]) for b in group]
@@ -297,15 +343,25 @@ def fit(
                                          **(train_stats() if train_stats else {})})
                 recent.clear()
             if (val_batches or validate) and (res.steps % plan.eval_every == 0 or last):
+                gather()
                 metrics = validate(model) if validate else {"val/loss": evaluate_loss(model, val_batches, loss_fn, acc.device)}
                 if logger:
                     logger.log(res.steps, **metrics)
                 if best.update(model, metrics["val/loss"], res):
                     res.stopped_early = True
                     break
+    gather()
     best.restore(model)
     res.seconds = time.perf_counter() - start
     return res
+
+
+def gather_full_weights(wrapped: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Load the FSDP-prepared ``LossModule``'s shards, gathered whole on every process, into the plain ``model``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
 
 
 class LossModule(torch.nn.Module):
@@ -316,6 +372,8 @@ class LossModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
+        # What FSDP's transformer-based auto wrap reads: each decoder layer its own unit.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_fn(self.model, batch)

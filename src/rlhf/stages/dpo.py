@@ -32,7 +32,7 @@ from rlhf.models.policy import keeps_logits, cache_kwarg, gather_logprobs, respo
 from rlhf.models.reward import collate_sequences
 from rlhf.report.metrics import MetricsLogger
 from rlhf.stages.reward import filter_annotators, load_pairs
-from rlhf.training import eval_batch_size, fit, make_accelerator
+from rlhf.training import eval_batch_size, fit, make_accelerator, recomputes_activations
 
 log = logging.getLogger("rlhf.dpo")
 
@@ -229,7 +229,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     val_pairs = encode_dpo_pairs(tok, val, cfg.data)[0] if val else []
     acc = make_accelerator(cfg.train)
     model.to(acc.device)
-    share = cfg.share_prompt and not cfg.train.gradient_checkpointing
+    share = cfg.share_prompt and not recomputes_activations(cfg.train)
     pad_id = tok.pad_token_id
     bs = eval_batch_size(cfg.train)
     add_reference_logprobs(model, train_pairs + val_pairs, pad_id, bs, share, acc.device)
@@ -249,7 +249,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         save_model(model, tok, tmp, lora_save=cfg.lora.save)
         summary = {"stage": "dpo", "pairs": len(train_pairs), "val_pairs": len(val_pairs), "rows": len(train),
                    "skipped_rows": skipped, "dropped_overlong": dropped, "dropped_annotators": dropped_annotators,
-                   "steps": result.steps, "processes": result.processes, "seconds": time.perf_counter() - start, "train_seconds": result.seconds,
+                   "steps": result.steps, "processes": result.processes, "sharded": result.sharded, "seconds": time.perf_counter() - start, "train_seconds": result.seconds,
                    "initial": initial, "final": final, "pairs_per_sec": result.units / max(result.seconds, 1e-9), "config": to_dict(cfg)}
         write_json_atomic(tmp / "stage.json", summary)
     return summary

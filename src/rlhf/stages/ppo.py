@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -45,7 +46,7 @@ from rlhf.rl.monitor import Monitor
 from rlhf.rl.prompts import load_prompt_stream, load_ptx, steering
 from rlhf.rl.types import RewardComponent, Rollout
 from rlhf.rollout import make_engine
-from rlhf.training import rank_share
+from rlhf.training import fsdp_launch, rank_share
 from rlhf.world import derive_seed, judge_prompt
 
 log = logging.getLogger("rlhf.ppo")
@@ -60,6 +61,9 @@ class RLRun:
 
     def __init__(self, cfg: PPOConfig, components: Sequence[RewardComponent] = ()):
         check_processes(cfg, distributed.processes())
+        if fsdp_launch() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            log.warning("%s: the online RL loop does not shard its models: under this FSDP / DeepSpeed launch each "
+                        "process holds whole policy, reference, critic and reward model (data parallel)", cfg.algorithm)
         self.cfg = cfg
         self.algorithm = ALGORITHMS[cfg.algorithm]
         # The device from accelerate (CUDA when visible); the loop runs in fp32: log-prob ratios need the precision.

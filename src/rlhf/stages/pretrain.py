@@ -104,7 +104,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         tok.save_pretrained(str(tmp))
         summary = {
             "stage": "pretrain", "parameters": n_params, "train_tokens": int(train_blocks.numel()),
-            "steps": result.steps, "processes": result.processes, "initial_val_loss": initial_val, "val_loss": result.val_losses[-1] if result.val_losses else None,
+            "steps": result.steps, "processes": result.processes, "sharded": result.sharded, "initial_val_loss": initial_val, "val_loss": result.val_losses[-1] if result.val_losses else None,
             "tokens_per_sec": result.tokens_per_sec, "seconds": result.seconds, "config": to_dict(cfg),
         }
         write_json_atomic(tmp / "stage.json", summary)

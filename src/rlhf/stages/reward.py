@@ -38,7 +38,7 @@ from rlhf.models.reward import (
 )
 from rlhf.report.metrics import MetricsLogger
 from rlhf.stages.collect import stats_path
-from rlhf.training import eval_batch_size, fit, make_accelerator
+from rlhf.training import eval_batch_size, fit, make_accelerator, recomputes_activations
 
 log = logging.getLogger("rlhf.rm")
 
@@ -138,7 +138,7 @@ def collate_shared_pairs(pairs: list[EncodedPair], pad_id: int, default_margin: 
 def pair_collator(cfg: RewardConfig, pad_id: int, encoder: bool):
     """collate(pairs) -> batch for training: the shared-prompt layout where the model allows it."""
     # The prompt's forward pass serves both sides: needs a decoder's KV cache, which checkpointing turns off.
-    share = cfg.share_prompt and not encoder and not cfg.train.gradient_checkpointing
+    share = cfg.share_prompt and not encoder and not recomputes_activations(cfg.train)
     collate_fn = collate_shared_pairs if share else collate_pairs
 
     def collate(pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
@@ -321,7 +321,7 @@ def train_member(cfg: RewardConfig, index: int, train: list[PreferenceExample], 
     save_model(model, tok, out, lora_save=cfg.lora.save)
     return {
         "member": index, "seed": seed, "pairs": len(train_pairs), "val_pairs": len(val_pairs), **counts, "steps": result.steps,
-        "processes": result.processes, "trainable_parameters": trainable, "initial_val_accuracy": initial.get("val/accuracy"),
+        "processes": result.processes, "sharded": result.sharded, "trainable_parameters": trainable, "initial_val_accuracy": initial.get("val/accuracy"),
         "val_accuracy": final.get("val/accuracy"), "val_loss": final.get("val/loss"),
         "reward_mean": mean, "reward_std": std, "pairs_per_sec": result.units / max(result.seconds, 1e-9),
         "seconds": result.seconds,

@@ -99,7 +99,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         save_model(acc.unwrap_model(model), tok, tmp, lora_save=cfg.lora.save)
         summary = {
             "stage": "sft", "samples": len(train), "val_samples": len(val), "trainable_parameters": trainable,
-            "steps": result.steps, "processes": result.processes, "initial_val_loss": initial_val,
+            "steps": result.steps, "processes": result.processes, "sharded": result.sharded, "initial_val_loss": initial_val,
             "val_loss": result.val_losses[-1] if result.val_losses else None,
             "best_val_loss": result.best_val_loss if result.val_losses else None,
             "stopped_early": result.stopped_early, "tokens_per_sec": result.tokens_per_sec,
