@@ -32,6 +32,8 @@ def _rm() -> dict:
     return {"n_pairs": 100, "accuracy": 0.61, "gold_accuracy": 0.66, "gold_pairs": 80, "ece": 0.07,
             "length_correlation": 0.21,
             "per_family": {f: {"n": 10, "accuracy": 0.6, "gold_pairs": 8, "gold_accuracy": 0.7} for f in FAMILIES},
+            "by_gold_gap": {"0.0-0.1": {"n": 20, "accuracy": 0.5, "gold_pairs": 20, "gold_accuracy": 0.27},
+                            ">=0.5": {"n": 30, "accuracy": 0.6, "gold_pairs": 30, "gold_accuracy": 0.62}},
             "per_annotator": {"careful": {"n": 50, "accuracy": 0.7, "gold_accuracy": 0.72},
                               "random_clicker": {"n": 50, "accuracy": 0.5, "gold_accuracy": 0.55}},
             "annotators": {"alpha": 0.23, "mean_kappa": {"careful": 0.5, "random_clicker": -0.1},
@@ -147,6 +149,8 @@ def test_headline_and_samples(run_dir: Path) -> None:
     assert samples.count('class="sample"') == 24  # 4 of each of 6 families
     assert samples.count('<span class="badge">best</span>') == 24  # PPO's 0.9 beats 0.4 and 0.6 on every row
     assert "flagged" in _section(page, "rm") and "random_clicker" in _section(page, "rm")
+    assert _row(_section(page, "rm"), "0.0-0.1") == ["0.0-0.1", "20", "0.500", "20", "0.270"]  # by gold gap
+    assert "By what the prompt holds out" not in page  # no by_split in this evaluation: no empty table
 
 
 def test_rates_show_their_intervals(run_dir: Path) -> None:

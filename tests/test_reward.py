@@ -17,7 +17,7 @@ from rlhf.algos.reward import pairwise_loss
 from rlhf.cli import main
 from rlhf.config import CollectConfig, RewardConfig
 from rlhf.configlib import from_dict
-from rlhf.data.io import load_preferences
+from rlhf.data.io import PreferenceExample, load_preferences
 from rlhf.evaluation.reward import evaluate_reward_model, expected_calibration_error, pearson
 from rlhf.models.reward import (
     RewardModel,
@@ -448,6 +448,25 @@ def test_pearson_by_hand():
     assert pearson([1, 2], [1, 2]) is None
 
 
+def test_gold_gap_bins_and_world_splits_of_pairs():
+    from rlhf.evaluation.reward import gold_gap_bin, world_split
+    from rlhf.world import all_tasks
+    from rlhf.world.tasks import kind_of
+
+    def pair(prompt: str = "Hi", gold: tuple | None = None) -> PreferenceExample:
+        extra = {"gold_chosen": gold[0], "gold_rejected": gold[1]} if gold else {}
+        return PreferenceExample([{"role": "user", "content": prompt}], "a", "b", extra=extra)
+
+    bins = [gold_gap_bin(pair(gold=g)) for g in [(0.5, 0.5), (0.3, 0.35), (0.0, 0.1), (0.9, 0.6), (0.2, 0.55), (1.0, 0.45)]]
+    assert bins == [None, "0.0-0.1", "0.1-0.3", "0.3-0.5", "0.3-0.5", ">=0.5"] and gold_gap_bin(pair()) is None
+    heldout = all_tasks("heldout")
+    new_phrasing = next(t for t in heldout if kind_of(t).phrasings[t.get("phrasing")].heldout)
+    new_entity = next(t for t in heldout if not kind_of(t).phrasings[t.get("phrasing")].heldout)
+    seen = all_tasks("train")[0]
+    assert [world_split(pair(t.prompt)) for t in (new_phrasing, new_entity, seen)] == ["held-out phrasing", "held-out entity", "train"]
+    assert world_split(pair("Tell me a story about a dragon.")) is None
+
+
 def test_evaluate_reward_model_gold_accuracy(tiny_llama, tmp_path, capsys):
     model, tok = load_reward_backbone(tiny_llama)  # an untrained head: rewards of no particular sign
     folder = tmp_path / "rm0"
@@ -480,6 +499,8 @@ def test_evaluate_reward_model_gold_accuracy(tiny_llama, tmp_path, capsys):
     assert result["per_family"]["greeting"]["gold_accuracy"] == pytest.approx(
         sum(rm_prefers_chosen[i] == (rows[i]["gold_chosen"] > rows[i]["gold_rejected"]) for i in fam) / len(fam))
     assert set(result["per_annotator"]) == {"careful", "random_clicker"}
+    assert list(result["by_gold_gap"]) == [">=0.5"] and result["by_gold_gap"][">=0.5"]["gold_pairs"] == 8  # gaps 1.0, 0.7
+    assert {k: v["n"] for k, v in result["by_split"].items()} == {"train": 12}  # "What is 3 + 4?": a train-split world task
     assert result["members"] == 1 and result["disagreement"] is None and not result["normalized"]
 
     # The command writes the same metrics.

@@ -6,6 +6,10 @@ On a preference file (held-out pairs), for one model or an ensemble:
 - gold_accuracy: agreement with the noise-free preference of the gold judge, on pairs whose gold
   scores differ (assistant world, or any file with gold_chosen/gold_rejected fields);
 - per_family and per_annotator accuracies;
+- by_gold_gap: gold accuracy by how far apart the gold judge puts the two responses (|gold_chosen - gold_rejected|
+  in GAP_EDGES bins): a model that misses only near-ties lacks resolution, one that misses wide gaps is wrong;
+- by_split: for prompts of the assistant world, accuracy by whether the prompt's phrasing, or only an entity in it,
+  is held out of every training split, or neither (what a reward model trained on train-split pairs has seen);
 - ece: expected calibration error of P(chosen) = sigmoid(r_chosen - r_rejected), 10 equal-width
   confidence bins (Guo et al. 2017);
 - length_correlation: Pearson correlation between reward and response length in words over the
@@ -96,6 +100,33 @@ def _gold_agreement(pairs: Sequence[PreferenceExample], rc: torch.Tensor, rr: to
     return out
 
 
+GAP_EDGES = (0.0, 0.1, 0.3, 0.5)  # lower edges of the gold-gap bins; the last bin is open above
+
+
+def gold_gap_bin(ex: PreferenceExample) -> str | None:
+    """The pair's bin of |gold_chosen - gold_rejected| ("0.1-0.3", ">=0.5"), None without a gold preference."""
+    gc, gr = ex.extra.get("gold_chosen"), ex.extra.get("gold_rejected")
+    if gc is None or gr is None or gc == gr:
+        return None
+    gap = abs(gc - gr)
+    lo = max(i for i, edge in enumerate(GAP_EDGES) if gap >= edge)
+    return f">={GAP_EDGES[lo]}" if lo == len(GAP_EDGES) - 1 else f"{GAP_EDGES[lo]}-{GAP_EDGES[lo + 1]}"
+
+
+def world_split(ex: PreferenceExample) -> str | None:
+    """"held-out phrasing", "held-out entity" or "train" for a prompt of the assistant world; None for others."""
+    from rlhf.world import parse_prompt
+    from rlhf.world.tasks import kind_of
+
+    user = [m["content"] for m in ex.prompt if m["role"] == "user"]
+    task = parse_prompt(user[-1]) if user else None
+    if task is None:
+        return None
+    if kind_of(task).phrasings[task.get("phrasing")].heldout:
+        return "held-out phrasing"
+    return "held-out entity" if task.split == "heldout" else "train"
+
+
 def _grouped(pairs: Sequence[PreferenceExample], right: torch.Tensor, gold: list, key) -> dict:
     """Accuracy and gold accuracy per group (family, annotator)."""
     groups: dict[str, list[int]] = defaultdict(list)
@@ -140,6 +171,8 @@ def evaluate_reward_model(rm: RewardModel, pairs: Sequence[PreferenceExample], *
         "gold_pairs": len(gold_known),
         "per_family": _grouped(pairs, right, gold, lambda ex: ex.extra.get("family")),
         "per_annotator": _grouped(pairs, right, gold, lambda ex: ex.annotator),
+        "by_gold_gap": _grouped(pairs, right, gold, gold_gap_bin),
+        "by_split": _grouped(pairs, right, gold, world_split),
         "ece": expected_calibration_error(torch.sigmoid(rc - rr)),
         "length_correlation": pearson(all_rewards.tolist(), lengths),
         "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),

@@ -764,13 +764,22 @@ def _reward_model(run: Run) -> Html:
     if rm is None:
         return _section("rm", title, _missing("No reward-model evaluation: summary.json has no rm entry and "
                                               "eval/rm.json is absent", "summary.json", run))
-    per = rm.get("per_family") if isinstance(rm.get("per_family"), dict) else {}
-    per = {str(f): v for f, v in per.items() if isinstance(v, dict)}
-    rows = [[f, _fmt(v.get("n")), _fmt(_num(v.get("accuracy"))), _fmt(v.get("gold_pairs")),
-             _fmt(_num(v.get("gold_accuracy")))] for f, v in per.items()]
-    table = (_table(["family", "pairs", "accuracy", "gold pairs", "gold accuracy"], rows, "num") if rows
-             else _missing("No per-family RM accuracy."))
-    return _section("rm", title, _rm_overview(rm), Html("<h3>Per family</h3>"), table, _rm_annotators(rm))
+    parts = [_rm_overview(rm), Html("<h3>Per family</h3>"),
+             _rm_groups(rm, "per_family", "family") or _missing("No per-family RM accuracy.")]
+    for key, name, heading in (("by_gold_gap", "gold-score gap", "By how far apart the gold judge puts the two responses"),
+                               ("by_split", "prompt", "By what the prompt holds out of training")):
+        table = _rm_groups(rm, key, name)
+        if table is not None:
+            parts += [Html(f"<h3>{heading}</h3>"), table]
+    return _section("rm", title, *parts, _rm_annotators(rm))
+
+
+def _rm_groups(rm: dict, key: str, name: str) -> Html | None:
+    """The table of an eval-rm grouping (per_family, by_gold_gap, by_split); None when the evaluation has none."""
+    per = rm.get(key) if isinstance(rm.get(key), dict) else {}
+    rows = [[str(g), _fmt(v.get("n")), _fmt(_num(v.get("accuracy"))), _fmt(v.get("gold_pairs")),
+             _fmt(_num(v.get("gold_accuracy")))] for g, v in per.items() if isinstance(v, dict)]
+    return _table([name, "pairs", "accuracy", "gold pairs", "gold accuracy"], rows, "num") if rows else None
 
 
 def _pick_samples(rows: list[dict], limit: int = MAX_SAMPLES) -> tuple[list[int], int]:
