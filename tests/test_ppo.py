@@ -141,6 +141,27 @@ def test_lora_ppo_keeps_base_weights_and_has_no_reference_copy(tiny_llama, flat_
     assert not torch.allclose(now, want, atol=1e-3)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_reference_other_than_the_policy_is_the_one_the_kl_reads(lora, tiny_llama, flat_rm, prompt_file, tmp_path):
+    """ppo.reference (an SFT model while the policy continues from an earlier RL run): the rollout's reference
+    log-probs are that model's, with or without LoRA on the policy."""
+    other, tok = load_causal_lm(tiny_llama)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save_pretrained(tmp_path / "ref")
+    tok.save_pretrained(tmp_path / "ref")
+    extra = {"lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}, "critic": "policy"} if lora else {}
+    run = RLRun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", reference=str(tmp_path / "ref"), **extra))
+    ro, _ = run.rollout()
+    with torch.no_grad():
+        logits, _ = response_logits(other, ro.input_ids, ro.attention_mask, ro.n_prompt, 1.0)  # (B, A, V)
+    tokens = ro.input_ids[:, ro.n_prompt :].unsqueeze(-1)  # (B, A, 1)
+    want = torch.log_softmax(logits, dim=-1).gather(-1, tokens).squeeze(-1) * ro.response_mask  # (B, A)
+    assert torch.allclose(ro.ref_logprobs * ro.response_mask, want, atol=1e-5)
+    assert (ro.ref_logprobs - ro.logprobs).abs().max() > 1e-2  # not the policy's own: the KL starts above 0
+
+
 def test_out_with_checkpoints_needs_resume(tiny_llama, flat_rm, prompt_file, tmp_path):
     cfg = ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", iterations=2)
     run_ppo(cfg)

@@ -705,6 +705,9 @@ class PPOConfig:
 
     policy: str | None = None
     """The causal LM folder to optimise (by default the SFT model); a frozen copy of it is the reference."""
+    reference: str | None = None
+    """The frozen reference of the KL penalty, when it is not the policy as it starts: continuing from an earlier RL
+    policy with the SFT model as reference keeps the KL measured to SFT. It must share the policy's tokenizer."""
     reward_model: str | None = None
     """Reward model folder, or an ensemble folder (scored as mean - ensemble_penalty * std)."""
     prompts: str | None = None

@@ -169,7 +169,8 @@ def ppo_state(path: Path) -> str | None:
 def check_ppo_out(cfg: PPOConfig) -> str:
     """Before any model loads: may cfg.out be written ("new", "replace") or resumed ("resume")? A resume must
     continue the same run: other inputs or settings than the checkpoint's are refused unless resume_changed."""
-    inputs = {"policy": cfg.policy, "reward_model": cfg.reward_model, "prompts": cfg.prompts, "ptx_data": cfg.ptx_data}
+    inputs = {"policy": cfg.policy, "reference": cfg.reference, "reward_model": cfg.reward_model, "prompts": cfg.prompts,
+              "ptx_data": cfg.ptx_data}
     action = check_out(cfg.out, stage="ppo", kind="dir", inputs=inputs, state=ppo_state, overwrite=cfg.overwrite,
                        resume=cfg.resume)
     if action == "resume":

@@ -19,7 +19,7 @@ class Models:
 
     policy: torch.nn.Module
     tok: object
-    reference: torch.nn.Module | None  # None with LoRA: the policy with its adapters disabled is the reference
+    reference: torch.nn.Module | None  # None with LoRA and no ppo.reference: the policy without its adapters is it
     critic: torch.nn.Module | None  # a reward-model copy whose head reads every token; None with critic=policy
     value_head: ValueHead | None  # the value head on the policy's hidden states with critic=policy
     # (both None for the critic-free algorithms)
@@ -60,8 +60,11 @@ def load_models(cfg: PPOConfig, device: torch.device, with_critic: bool = True) 
     reference = None
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
-    else:
-        reference, _ = load_causal_lm(cfg.policy, cfg.load)
+    if not cfg.lora.enabled or cfg.reference:  # with LoRA and no other reference: the policy without its adapters
+        reference, ref_tok = load_causal_lm(cfg.reference or cfg.policy, cfg.load)
+        if ref_tok.get_vocab() != tok.get_vocab():
+            raise ConfigError(f"ppo.reference: {cfg.reference} has another tokenizer than the policy {cfg.policy}: the KL "
+                              "compares their log-probs token by token")
         reference.requires_grad_(False).eval()
     reward = RewardModel.load(cfg.reward_model, cfg.load).to(device)
     for m in reward.members:
