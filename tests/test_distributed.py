@@ -241,7 +241,7 @@ def test_num_processes_anywhere_on_the_line_and_refused_for_one_process_commands
     with pytest.raises(SystemExit, match="whole number"):
         _take_num_processes(["sft", "--num_processes", "two"])
     assert main(["eval", "--model", "m", "--num_processes", "2"]) == 2  # refused before anything starts
-    assert "only pretrain, sft, rm, ppo, rl, dpo, run run as several processes" in capsys.readouterr().err
+    assert "only pretrain, sft, rm, ppo, rl, dpo, run, iterate run as several processes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("grouped", [False, True])

@@ -231,3 +231,32 @@ def test_world_judge_command_prints_families(tmp_path, capsys):
     bad.write_text(json.dumps({"prompt": "Write me a poem about dust.", "response": "ok"}) + "\n")
     assert main(["world", "judge", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+# Last in the file: it adds a round to the module's run (the tests above read round 1).
+def test_iterate_adds_a_round_from_the_last_policy(tiny_run, capsys):
+    first = json.loads((tiny_run / "summary.json").read_text())
+    assert main(["iterate", str(tiny_run)]) == 0
+    here = tiny_run / "round_2"
+    rows = lambda p: (tiny_run / p).read_text().splitlines()  # noqa: E731
+    assert rows("round_2/prefs/all.jsonl") == rows("prefs/train.jsonl") + rows("round_2/prefs/train.jsonl")
+    collected = json.loads((here / "prefs" / "train.stats.json").read_text())["config"]
+    assert collected["policy"] == str(tiny_run / "ppo")  # sampled from round 1's policy
+    ppo = json.loads((here / "ppo" / "stage.json").read_text())["config"]
+    assert (ppo["policy"], ppo["reference"], ppo["reward_model"]) == (str(tiny_run / "ppo"), str(tiny_run / "sft"), str(here / "rm"))
+    rm = json.loads((here / "rm" / "stage.json").read_text())
+    assert "random_clicker" in rm["config"]["exclude_annotators"]  # flagged at round 1's collection
+    one, two = load_file(str(tiny_run / "ppo" / "model.safetensors")), load_file(str(here / "ppo" / "model.safetensors"))
+    assert any(not torch.equal(one[k], two[k]) for k in one)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["rounds"][0]["gold_score"] == first["stages"]["ppo"]["gold_score"]
+    before = json.loads((here / "eval" / "rm_before.json").read_text())
+    assert before["model"] == str(tiny_run / "rm") and summary["rounds"][1]["rm_gold_accuracy_before"] == before["gold_accuracy"]
+    assert summary["stages"]["ppo"] == json.loads((here / "eval" / "ppo.json").read_text())  # the headline: the last round
+    assert summary["ppo"]["kl"] == json.loads((here / "eval" / "kl.json").read_text())["kl"]
+    assert summary["redteam"]["model"] == str(here / "ppo") and (here / "redteam" / "redteam.json").is_file()
+    assert json.loads((tiny_run / "config.json").read_text())["rounds"] == 2
+    assert "rounds (held-out prompts" in capsys.readouterr().out
+    page = (tiny_run / "report.html").read_text()
+    assert '<section id="rounds">' in page and str(here / "ppo") in page  # the red team's model: the last round's

@@ -35,7 +35,7 @@ from rlhf.configlib import ConfigError, add_arguments, build_config
 
 # Commands that several processes run together (`torchrun`, `accelerate launch`, `--num_processes`): the training
 # stages, and `run`, whose other stages the main process runs while the rest wait.
-DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "ppo", "rl", "dpo", "run")
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "ppo", "rl", "dpo", "run", "iterate")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -204,6 +204,12 @@ def _cmd_run(ns: argparse.Namespace) -> None:
     run_pipeline(build_config(RunConfig, ns))
 
 
+def _cmd_iterate(ns: argparse.Namespace) -> None:
+    from rlhf.stages.pipeline import next_round, run_pipeline
+
+    run_pipeline(next_round(Path(ns.run_dir)))
+
+
 def _print_result(result: dict) -> None:
     from rlhf import distributed
 
@@ -242,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
          None, _cmd_annotate),
         ("run", "the whole pipeline: world -> pretrain -> SFT -> collect -> RM -> PPO -> eval -> report", RunConfig, _cmd_run),
         ("report", "rebuild RUN_DIR/report.html (curves, per-family scores, samples, configuration)", None, _cmd_report),
+        ("iterate", "add one round of iterated online RLHF to RUN_DIR: pairs from its last policy, the reward model "
+         "trained again on every round's pairs, PPO continued from that policy (RUN_DIR/round_K/)", None, _cmd_iterate),
     ]
     for name, help_text, cls, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text,

@@ -866,3 +866,13 @@ class RunConfig:
     algorithms` read it)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     redteam: RedteamConfig = field(default_factory=RedteamConfig)
+    rounds: int = 1
+    """Rounds of iterated online RLHF: after the first (the stages above), each round samples pairs from the last
+    policy, trains the reward model again on every round's pairs and continues PPO from that policy (under
+    round_K/); the red team and the headline figures are the last round's. `rlhf iterate RUN` adds one."""
+    ref_refresh: bool = False
+    """Rounds after the first: the previous round's policy is PPO's reference (default: the SFT model)."""
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")

@@ -208,9 +208,10 @@ def read_run(run_dir: str | Path) -> Run:
     if not isinstance(rm, dict) and (run.root / "eval" / "rm.json").is_file():
         rm = _load(run, "eval/rm.json", _read_json, dict)
     run.rm = rm if isinstance(rm, dict) else None
-    run.metrics = _load(run, "ppo/metrics.jsonl", read_metrics, list) or []
+    last = _last_round(run)  # with rounds, the PPO column, curves and detectors are the last round's policy's
+    run.metrics = _load(run, f"{last}ppo/metrics.jsonl", read_metrics, list) or []
     for stage in STAGES:
-        rows = _load(run, f"eval/{stage}.samples.jsonl", read_jsonl, list)
+        rows = _load(run, f"{last if stage == 'ppo' else ''}eval/{stage}.samples.jsonl", read_jsonl, list)
         if rows:
             run.samples[stage] = rows
     run.config = _load(run, "config.json", _read_json, dict)
@@ -218,13 +219,21 @@ def read_run(run_dir: str | Path) -> Run:
     return run
 
 
+def _last_round(run: Run) -> str:
+    """"round_K/" for a run of K > 1 rounds (summary.json's rounds), else "": where the last policy's files are."""
+    rounds = run.summary.get("rounds")
+    k = rounds[-1].get("round") if isinstance(rounds, list) and rounds and isinstance(rounds[-1], dict) else None
+    return f"round_{k}/" if isinstance(k, int) and k > 1 else ""
+
+
 def _read_safety(run: Run) -> None:
     """The safety layer's inputs: red teaming, the PPO detectors, the alignment tax, the reward-hacking experiment."""
-    run.redteam = _optional(run, "redteam/redteam.json")
-    stage = _optional(run, "ppo/stage.json") or {}
+    last = _last_round(run)
+    run.redteam = _optional(run, f"{last}redteam/redteam.json")
+    stage = _optional(run, f"{last}ppo/stage.json") or {}
     run.hacking = stage.get("hacking") if isinstance(stage.get("hacking"), dict) else None
     run.collapse = stage.get("collapse") if isinstance(stage.get("collapse"), dict) else None
-    run.alerts = _optional(run, "ppo/alerts.jsonl", read_jsonl, list)
+    run.alerts = _optional(run, f"{last}ppo/alerts.jsonl", read_jsonl, list)
     tax = _optional(run, "alignment_tax.json")
     tax = tax if isinstance(tax, dict) else run.summary.get("alignment_tax")
     run.tax = tax if isinstance(tax, dict) and isinstance(tax.get("stages"), dict) else None
@@ -648,6 +657,25 @@ def _bon_png(curves: dict, metrics: list[dict]) -> Html:
         right.set(xlabel="√KL to the SFT policy  [√nats]", title="PPO rollouts, training prompts (with attacks)")
 
     return _png(draw, "best-of-n and PPO gold score against sqrt KL", size=(8.5, 3.4))
+
+
+ROUND_COLUMNS = (("gold_score", "gold score ↑"), ("win_rate", "win rate over SFT ↑"), ("harmful_compliance", "harmful compliance ↓"),
+                 ("over_refusal", "over-refusal ↓"), ("over_hedging", "over-hedging ↓"), ("kl_to_sft", "KL to SFT"),
+                 ("rm_gold_accuracy_before", "RM gold accuracy, before"), ("rm_gold_accuracy", "RM gold accuracy"))
+
+
+def _rounds(run: Run) -> Html:
+    """Iterated online RLHF: each round's policy on the held-out prompts and its reward model (summary.json rounds)."""
+    rounds = run.summary.get("rounds")
+    rounds = [r for r in rounds if isinstance(r, dict)] if isinstance(rounds, list) else []
+    if len(rounds) < 2:
+        return Html("")
+    note = ("Each round after the first samples pairs from the previous round's policy, trains the reward model again "
+            "on every round's pairs and continues PPO from that policy. RM gold accuracy is measured on pairs of the "
+            "round's starting policy on held-out prompts: before is the previous round's reward model, which that "
+            "policy was trained against.")
+    rows = [[_fmt(r.get("round")), *(_fmt(_num(r.get(k))) for k, _ in ROUND_COLUMNS)] for r in rounds]
+    return _section("rounds", "Rounds", _tag("p", note, "note"), _table(["round", *(label for _, label in ROUND_COLUMNS)], rows, "num"))
 
 
 def _algorithms(run: Run) -> Html:
@@ -1097,7 +1125,7 @@ def _config(run: Run) -> Html:
 
 # (anchor, title in the navigation, section); a section that returns nothing (an input the run predates) is left out
 SECTIONS: tuple[tuple[str, str, Callable[[Run], Html]], ...] = (
-    ("headline", "Headline", _headline), ("curves", "Training curves", _curves),
+    ("headline", "Headline", _headline), ("rounds", "Rounds", _rounds), ("curves", "Training curves", _curves),
     ("overopt", "Over-optimisation", _overopt), ("hacking", "Reward hacking", _hacking),
     ("rhexp", "Hacking experiment", _hacking_experiment), ("families", "Per family", _families),
     ("evaluation", "Policy evaluation", _policy_eval), ("tax", "Alignment tax", _alignment_tax),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from rlhf import distributed
 from rlhf.config import EvalRMConfig, RunConfig
-from rlhf.configlib import to_dict
+from rlhf.configlib import ConfigError, from_dict, to_dict
 from rlhf.evaluation.alignment_tax import alignment_tax
 from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
@@ -29,6 +30,7 @@ from rlhf.stages.collect import run_collect
 from rlhf.stages.ppo import run_ppo
 from rlhf.stages.pretrain import run_pretrain
 from rlhf.stages.reward import run_rm
+from rlhf.stages.rounds import policy_of, round_configs, round_figures, round_folder, run_round
 from rlhf.stages.sft import run_sft
 from rlhf.world import write_world
 
@@ -47,6 +49,7 @@ def _stage(name: str, done: bool, times: dict, fn, *args, together: bool = True)
     """Run one stage unless its output exists; time it (into ``times``) and say what happened. ``together``: every
     process takes part (the training stages) or waits for the main one; else the main process runs it alone."""
     main = distributed.is_main()
+    training = re.sub(r"^round \d+ ", "", name) in TRAINING_STAGES
     if done:
         if main:
             console.print(f"[dim]- {name}: finished output found, skipped[/dim]")
@@ -54,7 +57,7 @@ def _stage(name: str, done: bool, times: dict, fn, *args, together: bool = True)
     if main:
         console.rule(f"[bold]{name}")
     start = time.perf_counter()
-    if main or name in TRAINING_STAGES:
+    if main or training:
         fn(*args)
     if together:
         distributed.barrier()  # the stage's output is in place before any process reads it
@@ -96,9 +99,9 @@ def stage_configs(cfg: RunConfig) -> RunConfig:
     cfg.dpo.policy = cfg.dpo.policy or cfg.sft.out
     cfg.dpo.data.path = cfg.dpo.data.path or cfg.rm.data.path
     cfg.dpo.out = cfg.dpo.out or str(root / "dpo")
-    cfg.redteam.model = cfg.redteam.model or cfg.ppo.out
+    cfg.redteam.model = cfg.redteam.model or policy_of(cfg, cfg.rounds)  # the last round's policy
     cfg.redteam.against = cfg.redteam.against or cfg.pretrain.out
-    cfg.redteam.out = cfg.redteam.out or str(root / "redteam")
+    cfg.redteam.out = cfg.redteam.out or str((round_folder(cfg, cfg.rounds) if cfg.rounds > 1 else root) / "redteam")
     return cfg
 
 
@@ -148,22 +151,45 @@ def run_pipeline(cfg: RunConfig) -> dict:
         _stage(f"eval {name}", Path(ev.out).is_file(), times, run_eval, ev)
     kl_path = root / "eval" / "kl.json"
     _stage("eval kl", kl_path.is_file(), times, write_policy_kl, cfg.ppo, cfg.eval, kl_path)
+    for k in range(2, cfg.rounds + 1):
+        run_round(cfg, round_configs(cfg, k, held.prompts), lambda name, done, fn, *a: _stage(name, done, times, fn, *a))
     _stage("redteam", (Path(cfg.redteam.out) / "redteam.json").is_file(), times, run_redteam, cfg.redteam)
     if not distributed.is_main():
         return {}
     results = {name: json.loads((root / "eval" / f"{name}.json").read_text()) for name in ("base", "sft", "ppo")}
+    first = {"ppo_eval": results["ppo"], "kl": json.loads(kl_path.read_text())["kl"], "rm": json.loads(Path(rm_eval.out).read_text())}
+    rounds = [round_figures(cfg, k, first) for k in range(1, cfg.rounds + 1)] if cfg.rounds > 1 else None
+    kl = first["kl"]
+    if rounds:  # the headline is the last round's policy
+        results["ppo"] = json.loads((round_folder(cfg, cfg.rounds) / "eval" / "ppo.json").read_text())
+        kl = rounds[-1]["kl_to_sft"]
     ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"],
            "win_rate_vs_sft_ci95": results["ppo"].get("intervals", {}).get("win_rate"),
-           "kl": json.loads(kl_path.read_text())["kl"],
-           "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
-    summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "ppo": ppo,
+           "kl": kl, "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
+    summary = {"stages": results, "rm": first["rm"], "ppo": ppo,
                "redteam": headline(json.loads((Path(cfg.redteam.out) / "redteam.json").read_text())),
                "alignment_tax": alignment_tax(results), "time_seconds": times}
+    if rounds:
+        summary["rounds"] = rounds
     write_json_atomic(summary_path, summary)
     _stage("report", False, times, build_report, root, together=False)
     print_summary(summary)
     console.print(f"report: {root / 'report.html'}")
     return summary
+
+
+def next_round(run: Path) -> RunConfig:
+    """The config of a finished or interrupted run with one more round: the red team (and the headline) move on to
+    the new last round's policy; every path the run filled in stays."""
+    if not run.is_dir() or run_state(run) is None:
+        raise ConfigError(f"{run} is not a run folder written by `rlhf run` (its config.json is missing or is not a "
+                          "pipeline config); nothing was written")
+    cfg = from_dict(RunConfig, read_json(run / "config.json"))
+    defaults = stage_configs(RunConfig(out=cfg.out, rounds=cfg.rounds))  # the paths the run filled in by itself
+    if (cfg.redteam.model, cfg.redteam.out) == (defaults.redteam.model, defaults.redteam.out):
+        cfg.redteam.model = cfg.redteam.out = None
+    cfg.rounds += 1
+    return cfg
 
 
 def write_policy_kl(ppo, ev, path: Path) -> None:
@@ -207,3 +233,16 @@ def print_summary(summary: dict) -> None:
     Console().print(f"reward model on {rm['n_pairs']} held-out pairs: accuracy {_fmt(rm['accuracy'])}, "
                     f"gold accuracy {_fmt(rm['gold_accuracy'])}, ECE {_fmt(rm['ece'])}, length correlation "
                     f"{_fmt(rm['length_correlation'])}; annotators flagged by agreement: {', '.join(flagged) or 'none'}")
+    if summary.get("rounds"):
+        print_rounds(summary["rounds"])
+
+
+def print_rounds(rounds: list[dict]) -> None:
+    table = Table(title="rounds (held-out prompts, gold judge; the reward model on each round's held-out pairs)")
+    keys = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "over_hedging", "kl_to_sft",
+            "rm_gold_accuracy_before", "rm_gold_accuracy")
+    for name in ("round", *keys):
+        table.add_column(name, justify="right")
+    for r in rounds:
+        table.add_row(str(r["round"]), *(_fmt(r.get(k)) for k in keys))
+    Console().print(table)
