@@ -704,7 +704,8 @@ class PPOConfig:
     """grpo: divide by the group's score std (false: Dr. GRPO, Liu et al. 2025, only the group mean is taken off)."""
 
     policy: str | None = None
-    """The causal LM folder to optimise (by default the SFT model); a frozen copy of it is the reference."""
+    """The causal LM folder to optimise (by default the SFT model); a frozen copy of it is the reference unless
+    `reference` names another."""
     reference: str | None = None
     """The frozen reference of the KL penalty, when it is not the policy as it starts: continuing from an earlier RL
     policy with the SFT model as reference keeps the KL measured to SFT. It must share the policy's tokenizer."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -304,18 +304,7 @@ def fit(
             train_batch_size=plan.batch_size, train_micro_batch_size_per_gpu=plan.micro_batch_size, gradient_accumulation_steps=1)
     wrapped, optimizer = acc.prepare(LossModule(trained, loss_fn), optimizer)
     res, best, recent = FitResult(processes=acc.num_processes, sharded=sharded(acc)), _BestWeights(cfg.early_stopping_patience), []
-    gathered = [0]  # the step whose weights ``model`` holds
-    if res.sharded:
-        from torch.distributed.fsdp import FSDPModule
-
-        units = sum(isinstance(m, FSDPModule) and not n.endswith("_checkpoint_wrapped_module")  # not a layer's inside
-                    for n, m in wrapped.named_modules())
-        log.info("%s: FSDP2 over %d processes, %d sharded units", desc, acc.num_processes, units)
-
-    def gather() -> None:
-        if res.sharded and gathered[0] != res.steps:
-            gather_full_weights(wrapped, model)
-            gathered[0] = res.steps
+    gather = _gatherer(wrapped, model, acc, desc, res) if res.sharded else (lambda: None)
     log.info("%s: %d optimiser steps (%d per epoch); %s", desc, plan.total_steps, plan.steps_per_epoch, plan.describe())
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
@@ -354,6 +343,22 @@ def fit(
     best.restore(model)
     res.seconds = time.perf_counter() - start
     return res
+
+
+def _gatherer(wrapped: torch.nn.Module, model: torch.nn.Module, acc: Accelerator, desc: str, res: FitResult) -> Callable[[], None]:
+    """Under FSDP: a function that brings the trained shards into the plain ``model`` when it is behind ``res.steps``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = sum(isinstance(m, FSDPModule) and not n.endswith("_checkpoint_wrapped_module")  # not a layer's inside
+                for n, m in wrapped.named_modules())
+    log.info("%s: FSDP2 over %d processes, %d sharded units", desc, acc.num_processes, units)
+    held = [0]  # the step whose weights ``model`` holds (the copy started from them)
+
+    def gather() -> None:
+        if held[0] != res.steps:
+            gather_full_weights(wrapped, model)
+            held[0] = res.steps
+    return gather
 
 
 def gather_full_weights(wrapped: torch.nn.Module, model: torch.nn.Module) -> None:
