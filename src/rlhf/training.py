@@ -12,7 +12,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 
 from rlhf.algos.core import causal_lm_loss
 from rlhf.config import TrainConfig
@@ -88,13 +87,13 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def fsdp_launch() -> bool:
     """This process was started with an FSDP config (``accelerate launch`` exports ACCELERATE_USE_FSDP)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def recomputes_activations(cfg: TrainConfig) -> bool:
     """The backward pass recomputes each layer's forward: train.gradient_checkpointing, or an FSDP launch's activation
     checkpointing. A KV cache filled in the forward (a shared prompt's) would be filled again: callers go without."""
-    return cfg.gradient_checkpointing or (fsdp_launch() and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true")
+    return cfg.gradient_checkpointing or (fsdp_launch() and parse_flag_from_env("FSDP_ACTIVATION_CHECKPOINTING"))
 
 
 def sharded(acc: Accelerator) -> bool:

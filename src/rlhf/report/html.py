@@ -215,7 +215,7 @@ def read_run(run_dir: str | Path) -> Run:
         if rows:
             run.samples[stage] = rows
     run.config = _load(run, "config.json", _read_json, dict)
-    _read_safety(run)
+    _read_safety(run, last)
     return run
 
 
@@ -226,9 +226,9 @@ def _last_round(run: Run) -> str:
     return f"round_{k}/" if isinstance(k, int) and k > 1 else ""
 
 
-def _read_safety(run: Run) -> None:
-    """The safety layer's inputs: red teaming, the PPO detectors, the alignment tax, the reward-hacking experiment."""
-    last = _last_round(run)
+def _read_safety(run: Run, last: str) -> None:
+    """The safety layer's inputs: red teaming, the PPO detectors, the alignment tax, the reward-hacking experiment
+    (``last``: the folder prefix of the last round's policy, "" for a run of one round)."""
     run.redteam = _optional(run, f"{last}redteam/redteam.json")
     stage = _optional(run, f"{last}ppo/stage.json") or {}
     run.hacking = stage.get("hacking") if isinstance(stage.get("hacking"), dict) else None

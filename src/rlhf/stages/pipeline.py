@@ -30,7 +30,7 @@ from rlhf.stages.collect import run_collect
 from rlhf.stages.ppo import run_ppo
 from rlhf.stages.pretrain import run_pretrain
 from rlhf.stages.reward import run_rm
-from rlhf.stages.rounds import policy_of, round_configs, round_figures, round_folder, run_round
+from rlhf.stages.rounds import eval_folder, policy_of, round_configs, round_figures, round_folder, run_round
 from rlhf.stages.sft import run_sft
 from rlhf.world import write_world
 
@@ -156,21 +156,18 @@ def run_pipeline(cfg: RunConfig) -> dict:
     _stage("redteam", (Path(cfg.redteam.out) / "redteam.json").is_file(), times, run_redteam, cfg.redteam)
     if not distributed.is_main():
         return {}
-    results = {name: json.loads((root / "eval" / f"{name}.json").read_text()) for name in ("base", "sft", "ppo")}
-    first = {"ppo_eval": results["ppo"], "kl": json.loads(kl_path.read_text())["kl"], "rm": json.loads(Path(rm_eval.out).read_text())}
-    rounds = [round_figures(cfg, k, first) for k in range(1, cfg.rounds + 1)] if cfg.rounds > 1 else None
-    kl = first["kl"]
-    if rounds:  # the headline is the last round's policy
-        results["ppo"] = json.loads((round_folder(cfg, cfg.rounds) / "eval" / "ppo.json").read_text())
-        kl = rounds[-1]["kl_to_sft"]
+    last = eval_folder(cfg, cfg.rounds)  # the headline is the last round's policy (with one round, eval/)
+    results = {name: json.loads((root / "eval" / f"{name}.json").read_text()) for name in ("base", "sft")}
+    results["ppo"] = json.loads((last / "ppo.json").read_text())
     ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"],
            "win_rate_vs_sft_ci95": results["ppo"].get("intervals", {}).get("win_rate"),
-           "kl": kl, "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
-    summary = {"stages": results, "rm": first["rm"], "ppo": ppo,
+           "kl": json.loads((last / "kl.json").read_text())["kl"],
+           "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
+    summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "ppo": ppo,
                "redteam": headline(json.loads((Path(cfg.redteam.out) / "redteam.json").read_text())),
                "alignment_tax": alignment_tax(results), "time_seconds": times}
-    if rounds:
-        summary["rounds"] = rounds
+    if cfg.rounds > 1:
+        summary["rounds"] = [round_figures(cfg, k) for k in range(1, cfg.rounds + 1)]
     write_json_atomic(summary_path, summary)
     _stage("report", False, times, build_report, root, together=False)
     print_summary(summary)

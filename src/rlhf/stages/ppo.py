@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from rlhf import distributed
 from rlhf.algos.ppo import explained_variance, kl_controller, kl_penalty, sequence_kl
@@ -61,7 +61,7 @@ class RLRun:
 
     def __init__(self, cfg: PPOConfig, components: Sequence[RewardComponent] = ()):
         check_processes(cfg, distributed.processes())
-        if fsdp_launch() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if fsdp_launch() or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
             log.warning("%s: the online RL loop does not shard its models: under this FSDP / DeepSpeed launch each "
                         "process holds whole policy, reference, critic and reward model (data parallel)", cfg.algorithm)
         self.cfg = cfg

@@ -129,16 +129,17 @@ def write_kl_to_sft(r: Round, cfg: RunConfig) -> None:
                                             seed=r.eval.seed, load=r.ppo.load))
 
 
-def round_figures(cfg: RunConfig, k: int, first: dict) -> dict:
+def eval_folder(cfg: RunConfig, k: int) -> Path:
+    """Where round k's evaluations are: the run's eval/ for round 1, round_k/eval/ after."""
+    return Path(cfg.out) / "eval" if k == 1 else round_folder(cfg, k) / "eval"
+
+
+def round_figures(cfg: RunConfig, k: int) -> dict:
     """One row of the rounds table: the policy's held-out figures, its KL to SFT, the reward model's gold accuracy
-    (for k >= 2: before and after retraining, on the round's held-out pairs). ``first``: round 1's summary parts."""
-    if k == 1:
-        ev, kl, rm = first["ppo_eval"], first["kl"], first["rm"]
-        before = None
-    else:
-        here = round_folder(cfg, k) / "eval"
-        ev, kl = json.loads((here / "ppo.json").read_text()), json.loads((here / "kl.json").read_text())["kl"]
-        rm, before = json.loads((here / "rm.json").read_text()), json.loads((here / "rm_before.json").read_text())
+    (for k >= 2: before and after retraining, on the round's held-out pairs)."""
+    here = eval_folder(cfg, k)
+    ev, kl, rm = (json.loads((here / f"{name}.json").read_text()) for name in ("ppo", "kl", "rm"))
+    before = json.loads((here / "rm_before.json").read_text()) if k > 1 else {}
     return {"round": k, **{key: ev.get(key) for key in ROUND_KEYS}, "win_rate_ci95": ev.get("intervals", {}).get("win_rate"),
-            "kl_to_sft": kl, "rm_gold_accuracy": rm.get("gold_accuracy"),
-            "rm_gold_accuracy_before": before.get("gold_accuracy") if before else None}
+            "kl_to_sft": kl["kl"], "rm_gold_accuracy": rm.get("gold_accuracy"),
+            "rm_gold_accuracy_before": before.get("gold_accuracy")}
