@@ -9,6 +9,7 @@ without them the test is skipped with the reason.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -127,3 +128,25 @@ def test_annotate_in_headless_chromium(tmp_path):
     assert (rows[1]["chosen"], rows[1]["margin"]) == ("7 + 5 = 12.", 0.5)
     assert [(r["chosen"], r["rejected"]) for r in rows[2:]] == [("pear", "apple"), ("pear", "a car"), ("apple", "a car")]
     assert [(d["prompt"], d["completion"]) for d in sft_rows(store)] == [("Greet Alice.", "Hello, Alice! How can I help you today?")]
+
+
+def label_every_pair(url: str, name: str, prefer) -> int:
+    """A scripted annotator in headless Chromium: signs in as `name` and labels every pair it is served with the
+    keyboard ("1" or "2", or "t" for a tie, as ``prefer(prompt, left, right)`` says, then Enter); returns how many."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("#login-name", name)
+        page.fill("#login-password", PASSWORD)
+        page.click("#login-form button[type=submit]")
+        done = 0
+        while page.wait_for_selector("#task-view:not([hidden]) .pair .response, #done-view:not([hidden])").get_attribute("id") != "done-view":
+            sync_api.expect(page.locator("#progress-text")).to_have_text(re.compile(f"^{done} labelled"))  # next item up
+            left, right = page.locator(".response-text").all_inner_texts()
+            page.keyboard.press(prefer(page.inner_text("#prompt"), left, right))
+            page.keyboard.press("Enter")
+            done += 1
+            sync_api.expect(page.locator("#progress-text")).to_have_text(re.compile(f"^{done} labelled"))
+        browser.close()
+    return done

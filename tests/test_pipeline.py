@@ -165,6 +165,20 @@ def test_second_run_skips_finished_stages(tiny_run, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
+def test_collect_pairs_against_another_policy(tiny_run, tmp_path):
+    common = ["collect", "--policy", str(tiny_run / "ppo"), "--prompts", str(tiny_run / "world" / "prompts_train.jsonl"),
+              "--n_prompts", "8", "--k", "2", "--overlap", "0", "--generation.max_new_tokens", "8"]
+    assert main([*common, "--out", str(tmp_path / "own.jsonl")]) == 0
+    assert main([*common, "--against", str(tiny_run / "sft"), "--against_pairs", "2", "--out", str(tmp_path / "both.jsonl")]) == 0
+    own, both = ([json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("own.jsonl", "both.jsonl"))
+    assert [r for r in both if "-a" not in r["pair_id"]] == own  # the policy's own pairs do not change
+    stats = json.loads((tmp_path / "both.stats.json").read_text())
+    assert 0 < stats["against_pairs_labelled"] <= 16 and stats["config"]["against"] == str(tiny_run / "sft")
+    assert {r["pair_id"] for r in both if "-a" in r["pair_id"]} and all(r["pair_id"].split("-a")[1] in "01" for r in both
+                                                                       if "-a" in r["pair_id"])
+    assert main([*common, "--against_pairs", "1", "--out", str(tmp_path / "no.jsonl")]) == 2  # against whom?
+
+
 def test_eval_against_itself_is_a_tie(tiny_run, tmp_path):
     cfg = EvalConfig(model=str(tiny_run / "sft"), against=str(tiny_run / "sft"), out=str(tmp_path / "e.json"), n_prompts=12)
     result = run_eval(cfg)
@@ -183,6 +197,30 @@ def test_kl_of_a_policy_to_itself_is_zero(tiny_run):
     prompts = eval_prompts(EvalConfig(n_prompts=8))
     gen = GenerationConfig(do_sample=True, max_new_tokens=8, batch_size=8)
     assert kl_to_reference(str(tiny_run / "sft"), str(tiny_run / "sft"), prompts, gen)["kl"] == 0.0
+
+
+def test_ref_refresh_makes_the_previous_rounds_policy_the_reference(tmp_path):
+    from rlhf.config import RunConfig
+    from rlhf.stages.pipeline import round_of
+
+    for refresh, reference in ((False, tmp_path / "sft"), (True, tmp_path / "round_2" / "ppo")):
+        r = round_of(RunConfig(out=str(tmp_path), rounds=3, ref_refresh=refresh, against_pairs=2), 3)
+        assert (r.ppo.policy, r.ppo.reference) == (str(tmp_path / "round_2" / "ppo"), str(reference))
+        # pairs of round 2's policy against the one round 2 started from (round 1's), never on held-out prompts
+        assert (r.collect.policy, r.collect.against, r.collect.against_pairs) == (r.ppo.policy, str(tmp_path / "ppo"), 2)
+        assert r.collect_heldout.against_pairs == 0
+
+
+def test_iterate_resumes_an_unfinished_last_round_instead_of_adding_one(tmp_path):
+    from rlhf.config import RunConfig
+    from rlhf.configlib import to_dict
+    from rlhf.stages.pipeline import next_round
+
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(RunConfig(out=str(tmp_path), rounds=2))))
+    assert next_round(tmp_path).rounds == 2  # round 2 stopped before its last evaluation
+    (tmp_path / "round_2" / "eval").mkdir(parents=True)
+    (tmp_path / "round_2" / "eval" / "kl.json").write_text("{}")
+    assert next_round(tmp_path).rounds == 3
 
 
 def test_win_rate_counts_ties_half():
@@ -260,3 +298,47 @@ def test_iterate_adds_a_round_from_the_last_policy(tiny_run, capsys):
     assert "rounds (held-out prompts" in capsys.readouterr().out
     page = (tiny_run / "report.html").read_text()
     assert '<section id="rounds">' in page and str(here / "ppo") in page  # the red team's model: the last round's
+    rounds = page[page.index('<section id="rounds">'):]
+    assert 'alt="every round&#x27;s figures against the round"' in rounds[:rounds.index("</section>")]  # the plot
+
+
+# After the simulated round 2: round 3 labelled by people (two scripted annotators in a real browser).
+def test_human_round_trains_on_the_apps_labels(tiny_run, capsys):
+    browser = pytest.importorskip("test_feedback_browser", reason="playwright or chromium is missing")
+    from rlhf.feedback import auth
+    from rlhf.feedback.config import AnnotateConfig
+    from rlhf.feedback.export import preference_rows
+    from rlhf.feedback.server import create_app
+    from rlhf.feedback.store import Store
+    from rlhf.world import judge, parse_prompt
+
+    run, here = str(tiny_run), tiny_run / "round_3"
+    assert main(["iterate", run, "--feedback", "--n_prompts", "12"]) == 0
+    db = here / "feedback" / "annotate.db"
+    assert f"rlhf annotate --db {db}" in capsys.readouterr().out and not (here / "prefs").exists()
+    assert main(["iterate", run]) == 2  # the simulated annotators must not take over a round people are labelling
+    assert main(["iterate", run, "--continue"]) == 2 and "no pair is labelled yet" in capsys.readouterr().err
+    store = Store(str(db))
+    for name in ("alice", "bob"):
+        auth.add_user(store, name, password=browser.PASSWORD)
+
+    def by_gold(prompt: str, left: str, right: str) -> str:
+        a, b = (judge(parse_prompt(prompt), text).total for text in (left, right))
+        return "1" if a > b else "2" if b > a else "t"
+
+    with browser.LiveServer(create_app(AnnotateConfig(db=str(db)), store)) as url:
+        n = browser.label_every_pair(url, "alice", by_gold)
+        assert n == json.loads((here / "feedback" / "round.json").read_text())["items"]
+        assert main(["iterate", run, "--continue"]) == 2 and "unmeasured" in capsys.readouterr().err  # alice alone
+        assert browser.label_every_pair(url, "bob", by_gold) == n  # overlap 1.0: every item to both
+    assert main(["iterate", run, "--continue"]) == 0
+    rows = [json.loads(line) for line in (here / "prefs" / "train.jsonl").read_text().splitlines()]
+    assert rows == preference_rows(store) and {r["annotator"] for r in rows} == {"alice", "bob"}
+    task = lambda r: parse_prompt(r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"])  # noqa: E731
+    assert all(judge(task(r), r["chosen"]).total > judge(task(r), r["rejected"]).total for r in rows)
+    lines = lambda p: (tiny_run / p).read_text().splitlines()  # noqa: E731
+    assert lines("round_3/prefs/all.jsonl") == lines("prefs/train.jsonl") + lines("round_2/prefs/train.jsonl") + lines(
+        "round_3/prefs/train.jsonl")  # every round's labels exactly once
+    assert json.loads((here / "prefs" / "train.stats.json").read_text())["kappa"] == 1.0
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3] and summary["redteam"]["model"] == str(here / "ppo")

@@ -205,9 +205,15 @@ def _cmd_run(ns: argparse.Namespace) -> None:
 
 
 def _cmd_iterate(ns: argparse.Namespace) -> None:
-    from rlhf.stages.pipeline import next_round, run_pipeline
+    from rlhf.stages.human import feedback_round
+    from rlhf.stages.pipeline import next_round, round_of, run_pipeline
 
-    run_pipeline(next_round(Path(ns.run_dir)))
+    if ns.feedback and ns.continue_:
+        raise ConfigError("--feedback starts a round for people to label and --continue finishes it: give one of them")
+    cfg = next_round(Path(ns.run_dir))
+    if feedback_round(cfg, round_of(cfg, cfg.rounds), start=ns.feedback, finish=ns.continue_, n_prompts=ns.n_prompts,
+                      min_kappa=ns.min_kappa, ignore_agreement=ns.ignore_agreement):
+        run_pipeline(cfg)
 
 
 def _print_result(result: dict) -> None:
@@ -249,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "the whole pipeline: world -> pretrain -> SFT -> collect -> RM -> PPO -> eval -> report", RunConfig, _cmd_run),
         ("report", "rebuild RUN_DIR/report.html (curves, per-family scores, samples, configuration)", None, _cmd_report),
         ("iterate", "add one round of iterated online RLHF to RUN_DIR: pairs from its last policy, the reward model "
-         "trained again on every round's pairs, PPO continued from that policy (RUN_DIR/round_K/)", None, _cmd_iterate),
+         "trained again on every round's pairs, PPO continued from that policy (RUN_DIR/round_K/); with --feedback "
+         "and then --continue, people label the round's pairs in `rlhf annotate`", None, _cmd_iterate),
     ]
     for name, help_text, cls, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text,
@@ -262,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if cls is None:
             p.add_argument("run_dir", help="run folder written by `rlhf run`")
+            if name == "iterate":
+                _iterate_flags(p)
             p.set_defaults(fn=fn)
             continue
         p.add_argument("--config", metavar="FILE", help="YAML config (a stage file, or a pipeline file such as configs/demo.yaml)")
@@ -276,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     _add_experiment(sub)
     return parser
+
+
+def _iterate_flags(p: argparse.ArgumentParser) -> None:
+    from rlhf.stages.human import MIN_KAPPA
+
+    p.add_argument("--feedback", action="store_true", help="people label the round's pairs: sample them into "
+                   "RUN_DIR/round_K/feedback/annotate.db for `rlhf annotate`, print its commands, and stop")
+    p.add_argument("--continue", dest="continue_", action="store_true", help="export the labels of a --feedback "
+                   "round as its training pairs (after the agreement check) and finish the round")
+    p.add_argument("--n_prompts", type=int, default=None, help="--feedback: prompts to sample pairs for (None: "
+                   "collect.n_prompts)")
+    p.add_argument("--min_kappa", type=float, default=MIN_KAPPA, help="--continue: the least pooled Cohen's kappa "
+                   "of the annotators on shared items")
+    p.add_argument("--ignore_agreement", action="store_true", help="--continue: go on below --min_kappa, or with "
+                   "no item labelled twice")
 
 
 def _add_experiment(sub) -> None:

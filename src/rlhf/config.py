@@ -452,6 +452,12 @@ class CollectConfig:
     mismatch_pairs: int = 0
     """Extra pairs per prompt that pit one of its responses against one written for another prompt, so the
     reward model learns that a fluent answer to a different question is worse (0: on-policy pairs only)."""
+    against: str | None = None
+    """A second policy folder (rounds set it: the policy the previous round started from): `against_pairs` more
+    pairs per prompt pit one of the policy's responses against one of this policy's, so the reward model sees what
+    the last update changed."""
+    against_pairs: int = 0
+    """Pairs per prompt against `against`'s responses (0: none)."""
     seed: int = 0
     """Seed for sampling, annotator assignment and label noise."""
     generation: GenerationConfig = field(
@@ -465,8 +471,9 @@ class CollectConfig:
         if not 0 <= self.overlap <= 1:
             raise ConfigError(f"collect.overlap: must be in [0, 1], got {self.overlap}")
         check_numbers(self, "collect.", at_least_one=("n_prompts",))
-        if self.mismatch_pairs < 0:
-            raise ConfigError(f"collect.mismatch_pairs: must be >= 0, got {self.mismatch_pairs}")
+        if self.mismatch_pairs < 0 or self.against_pairs < 0:
+            raise ConfigError(f"collect.mismatch_pairs, collect.against_pairs: must be >= 0, got {self.mismatch_pairs}, "
+                              f"{self.against_pairs}")
         if not self.annotators:
             raise ConfigError("collect.annotators: name at least one annotator")
 
@@ -873,7 +880,12 @@ class RunConfig:
     round_K/); the red team and the headline figures are the last round's. `rlhf iterate RUN` adds one."""
     ref_refresh: bool = False
     """Rounds after the first: the previous round's policy is PPO's reference (default: the SFT model)."""
+    against_pairs: int = 0
+    """Rounds after the first: pairs per training prompt of the policy's responses against those of the policy the
+    previous round started from (collect.against_pairs); 0: pairs within the policy's own samples only."""
 
     def validate(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
+        if self.against_pairs < 0:
+            raise ConfigError(f"against_pairs: must be >= 0, got {self.against_pairs}")

@@ -675,7 +675,26 @@ def _rounds(run: Run) -> Html:
             "round's starting policy on held-out prompts: before is the previous round's reward model, which that "
             "policy was trained against.")
     rows = [[_fmt(r.get("round")), *(_fmt(_num(r.get(k))) for k, _ in ROUND_COLUMNS)] for r in rounds]
-    return _section("rounds", "Rounds", _tag("p", note, "note"), _table(["round", *(label for _, label in ROUND_COLUMNS)], rows, "num"))
+    return _section("rounds", "Rounds", _tag("p", note, "note"), _table(["round", *(label for _, label in ROUND_COLUMNS)], rows, "num"),
+                    _rounds_png(rounds))
+
+
+def _rounds_png(rounds: list[dict]) -> Html:
+    """The rounds table against the round: the rates and scores (0..1) on the left, KL to SFT on the right."""
+    def draw(fig: Any) -> None:
+        left, right = fig.subplots(1, 2, width_ratios=(3, 1))
+        for key, label in ROUND_COLUMNS:
+            pts = [(_num(r.get("round")), _num(r.get(key))) for r in rounds]
+            pts = [(x, y) for x, y in pts if x is not None and y is not None]
+            ax = right if key == "kl_to_sft" else left
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, lw=1.4, label=label)
+        left.set(xlabel="round", ylabel="held-out prompts, gold judge", title="Each round's policy and reward model")
+        left.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+        right.set(xlabel="round", ylabel="nats", title="KL to SFT")
+        for ax in (left, right):
+            ax.xaxis.get_major_locator().set_params(integer=True)
+
+    return _png(draw, "every round's figures against the round", size=(9.0, 3.2))
 
 
 def _algorithms(run: Run) -> Html:

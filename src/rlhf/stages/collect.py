@@ -1,7 +1,8 @@
 """Preference data from a policy: sample K responses per prompt, pair them, have annotators label them.
 
 Besides the K(K-1)/2 pairs of a prompt's own responses, ``mismatch_pairs`` more per prompt pit one of
-them against a response written for another prompt.
+them against a response written for another prompt, and ``against_pairs`` more one of them against a response of
+another policy (``against``: in rounds, the policy the previous round started from) to the same prompt.
 
 In the assistant world the annotators are simulated (Bradley-Terry noise around the gold judge, each
 with a quirk), so the labels are as noisy and biased as real ones, while the gold scores, kept in
@@ -28,7 +29,7 @@ from rlhf.fsutil import check_out, read_json, write_json_atomic
 from rlhf.models.loading import load_causal_lm
 from rlhf.report.progress import progress_bar
 from rlhf.rollout import generate
-from rlhf.world import annotator, judge, parse_prompt
+from rlhf.world import annotator, derive_seed, judge, parse_prompt
 
 log = logging.getLogger("rlhf.collect")
 
@@ -76,11 +77,21 @@ def label_pair(task, a: str, b: str, names: list[str], rng: random.Random) -> tu
     return rows, verdicts
 
 
+def sample(policy: str, prompts, cfg: CollectConfig, seed: int) -> list:
+    """cfg.k responses per prompt from `policy`, in batched passes (prompt-major: (N * K,))."""
+    model, tok = load_causal_lm(policy, cfg.load)
+    repeated = [ex.prompt for ex in prompts for _ in range(cfg.k)]
+    with progress_bar(f"collect: sampling {Path(policy).name}", len(repeated)) as bar:
+        return generate(model, tok, repeated, cfg.generation, seed=seed, progress=bar)
+
+
 def run_collect(cfg: CollectConfig) -> dict:
     """Sample, pair and label; write cfg.out (JSONL) and its statistics beside it; return the statistics."""
     require(cfg, "policy", "prompts", "out", stage="collect")
-    check_out(cfg.out, stage="collect", kind="file", inputs={"policy": cfg.policy, "prompts": cfg.prompts},
-              state=collect_state, overwrite=cfg.overwrite)
+    if cfg.against_pairs and not cfg.against:
+        raise ConfigError("collect.against_pairs: name the policy to pair against in collect.against")
+    check_out(cfg.out, stage="collect", kind="file", inputs={"policy": cfg.policy, "prompts": cfg.prompts,
+                                                            "against": cfg.against}, state=collect_state, overwrite=cfg.overwrite)
     for name in cfg.annotators:
         try:
             annotator(name)
@@ -88,12 +99,13 @@ def run_collect(cfg: CollectConfig) -> dict:
             raise ConfigError(f"collect.annotators: {e}") from None
     prompts = list(load_prompts(cfg.prompts))[: cfg.n_prompts]
     tasks = world_tasks(prompts)
-    # 1. K samples per prompt from the policy, in one batched pass.
-    model, tok = load_causal_lm(cfg.policy, cfg.load)
-    repeated = [ex.prompt for ex in prompts for _ in range(cfg.k)]
-    with progress_bar("collect: sampling", len(repeated)) as bar:
-        gens = generate(model, tok, repeated, cfg.generation, seed=cfg.seed, progress=bar)
+    # 1. K samples per prompt from the policy, in one batched pass (and from `against`, for its pairs).
+    gens = sample(cfg.policy, prompts, cfg, cfg.seed)
     texts = [[g.text for g in gens[i * cfg.k : (i + 1) * cfg.k]] for i in range(len(prompts))]  # (N, K)
+    against = []
+    if cfg.against_pairs:
+        others = sample(cfg.against, prompts, cfg, derive_seed(cfg.seed, "against"))
+        against = [[g.text for g in others[i * cfg.k : (i + 1) * cfg.k]] for i in range(len(prompts))]  # (N, K)
     rows, verdicts, identical, empty = [], {}, 0, 0
 
     def add_pair(i: int, pair_id: str, first: str, second: str, rng: random.Random) -> None:
@@ -128,6 +140,11 @@ def run_collect(cfg: CollectConfig) -> dict:
             j = mrng.randrange(len(prompts) - 1)
             j += j >= i  # any prompt but this one
             add_pair(i, f"{i}-m{m}", mrng.choice(texts[i]), mrng.choice(texts[j]), mrng)
+    # 4. Against the other policy: what the policy now says beside what `against` said, on the same prompt.
+    arng = random.Random(f"{cfg.seed}-against")
+    for i in range(len(against)):
+        for m in range(cfg.against_pairs):
+            add_pair(i, f"{i}-a{m}", arng.choice(texts[i]), arng.choice(against[i]), arng)
     ties = sum(v == "tie" for pair in verdicts.values() for v in pair.values())
     if not rows:
         raise ConfigError(f"no preference rows: {identical} identical pairs, {empty} with an empty reply, {ties} "
@@ -136,6 +153,7 @@ def run_collect(cfg: CollectConfig) -> dict:
     write_jsonl_atomic(out, rows)
     stats = {"prompts": len(prompts), "responses": len(gens), "pairs_labelled": len(verdicts),
              "mismatched_pairs_labelled": sum("-m" in pair_id for pair_id in verdicts),
+             "against_pairs_labelled": sum("-a" in pair_id for pair_id in verdicts),
              "pairs": len({r["pair_id"] for r in rows}), "labels": len(rows), "ties": ties,
              "identical_pairs_skipped": identical, "empty_pairs_skipped": empty, "eos_rate": sum(g.ended for g in gens) / len(gens),
              # Agreement over every verdict, ties included: what the annotators did, not only what was kept.

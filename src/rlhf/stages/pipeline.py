@@ -30,7 +30,7 @@ from rlhf.stages.collect import run_collect
 from rlhf.stages.ppo import run_ppo
 from rlhf.stages.pretrain import run_pretrain
 from rlhf.stages.reward import run_rm
-from rlhf.stages.rounds import eval_folder, policy_of, round_configs, round_figures, round_folder, run_round
+from rlhf.stages.rounds import Round, eval_folder, policy_of, round_configs, round_figures, round_folder, run_round
 from rlhf.stages.sft import run_sft
 from rlhf.world import write_world
 
@@ -116,7 +116,7 @@ def heldout_collect(cfg: RunConfig):
     held = copy.deepcopy(cfg.collect)
     held.prompts, held.seed = str(Path(cfg.out) / "world" / "prompts_heldout.jsonl"), cfg.collect.seed + 1
     held.out, held.n_prompts = str(Path(cfg.out) / "prefs" / "heldout.jsonl"), None
-    held.mismatch_pairs = 0  # the RM is judged on pairs of the policy's own responses, as PPO will show it
+    held.mismatch_pairs = held.against_pairs = 0  # the RM is judged on pairs of the policy's own responses, as PPO will show it
     return held
 
 
@@ -176,8 +176,9 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 
 def next_round(run: Path) -> RunConfig:
-    """The config of a finished or interrupted run with one more round: the red team (and the headline) move on to
-    the new last round's policy; every path the run filled in stays."""
+    """The config of a run with one more round: the red team (and the headline) move on to the new last round's
+    policy; every path the run filled in stays. A run whose last round (k >= 2) stopped before its end keeps its
+    rounds, so that it resumes inside that round."""
     if not run.is_dir() or run_state(run) is None:
         raise ConfigError(f"{run} is not a run folder written by `rlhf run` (its config.json is missing or is not a "
                           "pipeline config); nothing was written")
@@ -185,8 +186,15 @@ def next_round(run: Path) -> RunConfig:
     defaults = stage_configs(RunConfig(out=cfg.out, rounds=cfg.rounds))  # the paths the run filled in by itself
     if (cfg.redteam.model, cfg.redteam.out) == (defaults.redteam.model, defaults.redteam.out):
         cfg.redteam.model = cfg.redteam.out = None
-    cfg.rounds += 1
+    if cfg.rounds == 1 or (eval_folder(cfg, cfg.rounds) / "kl.json").is_file():
+        cfg.rounds += 1
     return cfg
+
+
+def round_of(cfg: RunConfig, k: int) -> Round:
+    """Round k's stage configs, as run_pipeline runs them."""
+    cfg = stage_configs(cfg)
+    return round_configs(cfg, k, heldout_collect(cfg).prompts)
 
 
 def write_policy_kl(ppo, ev, path: Path) -> None:

@@ -3,8 +3,9 @@
 Round 1 is the pipeline itself (pairs from the SFT model, the reward model, PPO from SFT). Round k >= 2, under
 ``RUN/round_k/``:
 
-1. collect: pairs sampled from round k-1's policy on the training prompts (a new seed), labelled by the world's
-   simulated annotators; also pairs on the held-out prompts, which only the reward model's evaluation reads;
+1. collect: pairs sampled from round k-1's policy on the training prompts (a new seed), and with ``against_pairs``
+   pairs of its responses against those of the policy round k-1 started from, labelled by the world's simulated
+   annotators; also pairs on the held-out prompts, which only the reward model's evaluation reads;
 2. rm: a reward model trained again from ``rm.model`` (the SFT model) on every round's pairs, its scale measured on
    the current policy's samples; the annotators flagged at any round's collection are left out;
 3. eval rm: the previous round's reward model and the new one on the new held-out pairs (how wrong the old one
@@ -14,6 +15,7 @@ Round 1 is the pipeline itself (pairs from the SFT model, the reward model, PPO 
 5. eval: the held-out evaluation of the round's policy against SFT, and its KL to SFT.
 
 Every stage is skipped when its output exists, as in the pipeline, so an interrupted run resumes inside the round.
+With ``rlhf iterate --feedback`` people label step 1's training pairs instead (rlhf.stages.human).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from rlhf import distributed
 from rlhf.config import CollectConfig, EvalConfig, EvalRMConfig, PPOConfig, RewardConfig, RunConfig
+from rlhf.configlib import ConfigError
 from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import stage_done, write_json_atomic
@@ -61,6 +64,11 @@ def policy_of(cfg: RunConfig, k: int) -> str:
     return cfg.ppo.out if k == 1 else str(round_folder(cfg, k) / "ppo")
 
 
+def start_of(cfg: RunConfig, k: int) -> str:
+    """The policy round k started from (round 1: the pipeline's PPO policy, the SFT model)."""
+    return cfg.ppo.policy if k == 1 else policy_of(cfg, k - 1)
+
+
 def rm_of(cfg: RunConfig, k: int) -> str:
     return cfg.rm.out if k == 1 else str(round_folder(cfg, k) / "rm")
 
@@ -75,8 +83,10 @@ def round_configs(cfg: RunConfig, k: int, heldout_prompts: str) -> Round:
     collect = copy.deepcopy(cfg.collect)
     collect.policy, collect.out = previous, str(here / "prefs" / "train.jsonl")
     collect.seed = derive_seed(cfg.collect.seed, f"round_{k}/collect")  # other samples than any round's before
+    collect.against, collect.against_pairs = start_of(cfg, k - 1), cfg.against_pairs
     held = copy.deepcopy(collect)
-    held.prompts, held.out, held.n_prompts, held.mismatch_pairs = heldout_prompts, str(here / "prefs" / "heldout.jsonl"), None, 0
+    held.prompts, held.out, held.n_prompts = heldout_prompts, str(here / "prefs" / "heldout.jsonl"), None
+    held.mismatch_pairs = held.against_pairs = 0  # the RM is judged on the policy's own pairs, as PPO will show it
     held.seed = derive_seed(cfg.collect.seed, f"round_{k}/heldout")
     rm = copy.deepcopy(cfg.rm)
     rm.data.path, rm.out = str(here / "prefs" / "all.jsonl"), str(here / "rm")
@@ -110,8 +120,21 @@ def all_pairs(cfg: RunConfig, r: Round) -> None:
     distributed.barrier()
 
 
+def feedback_folder(r: Round) -> Path:
+    """Where the human path (rlhf.stages.human) keeps round r's annotation database."""
+    return r.folder / "feedback"
+
+
+def waiting_for_labels(r: Round) -> bool:
+    """Round r was started for people to label (``rlhf iterate --feedback``) and their labels are not exported yet."""
+    return (feedback_folder(r) / "round.json").is_file() and not Path(r.collect.out).is_file()
+
+
 def run_round(cfg: RunConfig, r: Round, stage) -> None:
     """Round r's stages through the pipeline's ``stage(name, done, fn, *args)`` (skip when finished, time, barrier)."""
+    if waiting_for_labels(r):  # the simulated annotators must not label a round that people are labelling
+        raise ConfigError(f"round {r.k} of {cfg.out} is waiting for people's labels in {feedback_folder(r)}: finish "
+                          f"it with `rlhf iterate {cfg.out} --continue`")
     for name, c in ((f"round {r.k} collect", r.collect), (f"round {r.k} collect heldout", r.collect_heldout)):
         stage(name, Path(c.out).is_file(), run_collect, c)
     all_pairs(cfg, r)  # every process: the exclusions go into each one's config
