@@ -200,7 +200,7 @@ def test_kl_of_a_policy_to_itself_is_zero(tiny_run):
 
 
 def test_ref_refresh_makes_the_previous_rounds_policy_the_reference(tmp_path):
-    from rlhf.config import RunConfig
+    from rlhf.config import RunConfig, WorldConfig
     from rlhf.stages.pipeline import round_of
 
     for refresh, reference in ((False, tmp_path / "sft"), (True, tmp_path / "round_2" / "ppo")):
@@ -209,6 +209,10 @@ def test_ref_refresh_makes_the_previous_rounds_policy_the_reference(tmp_path):
         # pairs of round 2's policy against the one round 2 started from (round 1's), never on held-out prompts
         assert (r.collect.policy, r.collect.against, r.collect.against_pairs) == (r.ppo.policy, str(tmp_path / "ppo"), 2)
         assert r.collect_heldout.against_pairs == 0
+        assert r.collect.prompts == str(tmp_path / "world" / "prompts_train.jsonl")  # the world has no deployment split
+    deployed = round_of(RunConfig(out=str(tmp_path), rounds=2, world=WorldConfig(n_prompts_deploy=30)), 2)
+    assert deployed.collect.prompts == str(tmp_path / "world" / "prompts_deploy.jsonl")
+    assert deployed.collect_heldout.prompts == str(tmp_path / "world" / "prompts_heldout.jsonl")
 
 
 def test_iterate_resumes_an_unfinished_last_round_instead_of_adding_one(tmp_path):

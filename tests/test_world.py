@@ -184,7 +184,7 @@ def test_parse_prompt_round_trips_every_template_of_every_family():
     by_key = {(t.family, t.kind, t.get("phrasing"), t.meta[2:]): t for t in iter_tasks()}
     splits_seen = defaultdict(set)
     for kind in KINDS:
-        samples = {kind.entities[0], kind.entities[-1], *kind.heldout_list[:1]}
+        samples = {kind.entities[0], kind.entities[-1], *kind.heldout_list[:1], *kind.deploy_entities[-1:]}
         for index in range(len(kind.phrasings)):
             for entity in samples:
                 task = by_key[(kind.family, kind.name, index, entity)]
@@ -192,7 +192,7 @@ def test_parse_prompt_round_trips_every_template_of_every_family():
                 messy = "  " + task.prompt.upper().replace(" ", "   ") + " "
                 assert parse_prompt(messy) == task, messy
                 splits_seen[kind.family].add(task.split)
-    assert all(splits_seen[f] == {"train", "heldout"} for f in FAMILIES), splits_seen
+    assert all(splits_seen[f] == {"train", "heldout", "deploy"} for f in FAMILIES), splits_seen
 
 
 def test_parse_prompt_returns_none_outside_the_world():
@@ -206,11 +206,13 @@ def test_every_prompt_of_the_world_is_distinct():
     assert len(prompts) == len(set(prompts))  # so a prompt always parses back to one task
 
 
-def test_each_family_holds_out_one_or_two_phrasings():
+def test_each_family_holds_out_one_or_two_phrasings_and_each_kind_keeps_some_for_deployment():
     for family in FAMILIES:
-        phrasings = {p for k in KINDS if k.family == family for p in k.phrasings}
+        phrasings = {p for k in KINDS if k.family == family for p in k.phrasings if not p.deploy}
         held = [p for p in phrasings if p.heldout]
         assert 5 <= len(phrasings) <= 8 and 1 <= len(held) <= 2, family
+    for kind in KINDS:
+        assert 1 <= sum(p.deploy for p in kind.phrasings) <= 2 and not any(p.deploy and p.heldout for p in kind.phrasings)
 
 
 def test_make_tasks_is_balanced_deterministic_and_split_pure():
@@ -236,8 +238,7 @@ def _phrasing_is_heldout(task: Task) -> bool:
 
 
 def _heldout_regex() -> re.Pattern:
-    surfaces = sorted(E.heldout_surfaces(), key=len, reverse=True)
-    return re.compile(r"(?<![a-z0-9])(" + "|".join(re.escape(s.lower()) for s in surfaces) + r")(?![a-z0-9])")
+    return _regex(E.heldout_surfaces())
 
 
 def test_heldout_phrasings_and_entities_never_reach_training_data():
@@ -250,6 +251,35 @@ def test_heldout_phrasings_and_entities_never_reach_training_data():
     assert all(task_for(p).split == "train" for p in prompts)
     leaks = [t for t in texts if held.search(t.lower())]
     assert not leaks, leaks[:5]
+
+
+def _regex(surfaces) -> re.Pattern:
+    surfaces = sorted(surfaces, key=len, reverse=True)
+    return re.compile(r"(?<![a-z0-9])(" + "|".join(re.escape(s.lower()) for s in surfaces) + r")(?![a-z0-9])")
+
+
+def test_the_deployment_split_is_disjoint_from_training_and_held_out():
+    deploy = make_tasks("deploy", 600, seed=5)
+    assert all(t.split == "deploy" for t in deploy) and {t.family for t in deploy} == set(FAMILIES)
+    assert not [t for t in deploy if _heldout_regex().search(t.prompt.lower())]  # nothing held out in it
+    kinds = {(k.family, k.name): k for k in KINDS}
+    assert all(kinds[t.family, t.kind].phrasings[int(t.get("phrasing"))].deploy for t in deploy)  # its own wording
+    with_entities = [t for t in deploy if kinds[t.family, t.kind].deploy_entities]
+    assert with_entities and all(t.meta[2:] in kinds[t.family, t.kind].deploy_set for t in with_entities)
+    # Nothing of it reaches a training or held-out prompt, a demonstration or a chat transcript.
+    corpus = pretrain_corpus(4000, seed=5, deploy=True)
+    chats = [d["messages"] for d in corpus if "messages" in d]
+    prompts = [c[0]["content"] for c in chats] + [d["prompt"] for d in sft_demos(2000, seed=5)]
+    prompts += [t.prompt for split in ("train", "heldout") for t in make_tasks(split, 3000, seed=5)]
+    assert all(task_for(p).split in ("train", "heldout") for p in prompts)
+    texts = [m["content"] for c in chats for m in c] + [d["completion"] for d in sft_demos(2000, seed=5)] + prompts
+    assert not [t for t in texts if _regex(E.deploy_surfaces()).search(t.lower())]
+    # Its facts are in the prose only when the world has the split, and the rest of the corpus is unchanged.
+    prose = " ".join(d["text"] for d in corpus if "text" in d)
+    assert all(re.search(rf"\b{capital}\b", prose) for _, capital in E.DEPLOY_COUNTRIES)
+    without = pretrain_corpus(4000, seed=5)
+    assert not _regex({c for _, c in E.DEPLOY_COUNTRIES}).search(" ".join(d.get("text", "") for d in without).lower())
+    assert [d for d in corpus if d in without] == without and len(corpus) > len(without)
 
 
 def test_heldout_knowledge_is_in_the_prose_but_unknowable_entities_are_not():
@@ -332,6 +362,11 @@ def test_write_world_writes_every_file_atomically_and_reproducibly(tmp_path):
     for name in ("sft_train", "sft_val", "prompts_train", "prompts_heldout"):
         assert open(paths[name]).read() == open(again[name]).read(), name
     assert read_jsonl(again["pretrain"])[:300] == read_jsonl(paths["pretrain"])
+    deployed = write_world(tmp_path / "c", seed=1, **sizes, n_prompts_deploy=12)
+    assert all(task_for(r["prompt"]).split == "deploy" for r in read_jsonl(deployed["prompts_deploy"]))
+    assert len(read_jsonl(deployed["prompts_deploy"])) == 12 and "deploy_entities" in json.loads(open(deployed["world"]).read())
+    for name in ("sft_train", "sft_val", "prompts_train", "prompts_heldout"):
+        assert open(paths[name]).read() == open(deployed[name]).read(), name
 
 
 # --- Annotators ---------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from rlhf.config import (
     SFTConfig,
     WorldConfig,
 )
-from rlhf.configlib import ConfigError, add_arguments, build_config
+from rlhf.configlib import ConfigError, add_arguments, build_config, to_dict
 
 
 # Commands that several processes run together (`torchrun`, `accelerate launch`, `--num_processes`): the training
@@ -65,8 +65,7 @@ def _cmd_world(ns: argparse.Namespace) -> None:
     check_out(ns.out, stage="world", kind="dir", overwrite=ns.overwrite,
               state=holding("world.json"))
     with atomic_dir(ns.out) as tmp:
-        paths = write_world(tmp, seed=cfg.seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft, n_sft_val=cfg.n_sft_val,
-                            n_prompts_train=cfg.n_prompts_train, n_prompts_heldout=cfg.n_prompts_heldout)
+        paths = write_world(tmp, **to_dict(cfg))
     for name, path in paths.items():
         print(f"{name:<18} {Path(ns.out) / Path(path).name}")
 

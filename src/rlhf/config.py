@@ -281,11 +281,16 @@ class WorldConfig:
     """Training prompts for preference collection and RL."""
     n_prompts_heldout: int = 300
     """Held-out evaluation prompts (held-out phrasings and entities included)."""
+    n_prompts_deploy: int = 0
+    """Deployment prompts (phrasings and entities of neither split; the rounds after the first collect their pairs
+    on them), and the deployment facts in the pretraining prose; 0: no deployment split (the world as without it)."""
 
     def validate(self) -> None:
         for name in ("n_pretrain", "n_sft", "n_sft_val", "n_prompts_train", "n_prompts_heldout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"world.{name}: must be >= 1")
+        if self.n_prompts_deploy < 0:
+            raise ConfigError(f"world.n_prompts_deploy: must be >= 0, got {self.n_prompts_deploy}")
 
 
 @dataclass

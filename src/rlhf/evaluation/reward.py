@@ -114,7 +114,8 @@ def gold_gap_bin(ex: PreferenceExample) -> str | None:
 
 
 def world_split(ex: PreferenceExample) -> str | None:
-    """"held-out phrasing", "held-out entity" or "train" for a prompt of the assistant world; None for others."""
+    """"held-out phrasing", "held-out entity", "deploy" or "train" for a prompt of the assistant world; None for
+    others."""
     from rlhf.world import parse_prompt
     from rlhf.world.tasks import kind_of
 
@@ -124,7 +125,7 @@ def world_split(ex: PreferenceExample) -> str | None:
         return None
     if kind_of(task).phrasings[task.get("phrasing")].heldout:
         return "held-out phrasing"
-    return "held-out entity" if task.split == "heldout" else "train"
+    return {"heldout": "held-out entity", "deploy": "deploy"}.get(task.split, "train")
 
 
 def _grouped(pairs: Sequence[PreferenceExample], right: torch.Tensor, gold: list, key) -> dict:

@@ -67,10 +67,8 @@ def _stage(name: str, done: bool, times: dict, fn, *args, together: bool = True)
 
 
 def make_world(cfg: RunConfig, out: Path) -> None:
-    w = cfg.world
     with atomic_dir(out) as tmp:
-        write_world(tmp, seed=w.seed, n_pretrain=w.n_pretrain, n_sft=w.n_sft, n_sft_val=w.n_sft_val,
-                    n_prompts_train=w.n_prompts_train, n_prompts_heldout=w.n_prompts_heldout)
+        write_world(tmp, **to_dict(cfg.world))
 
 
 def stage_configs(cfg: RunConfig) -> RunConfig:

@@ -3,7 +3,8 @@
 Round 1 is the pipeline itself (pairs from the SFT model, the reward model, PPO from SFT). Round k >= 2, under
 ``RUN/round_k/``:
 
-1. collect: pairs sampled from round k-1's policy on the training prompts (a new seed), and with ``against_pairs``
+1. collect: pairs sampled from round k-1's policy on the training prompts (a new seed; the deployment prompts
+   when the world has them, ``world.n_prompts_deploy``), and with ``against_pairs``
    pairs of its responses against those of the policy round k-1 started from, labelled by the world's simulated
    annotators; also pairs on the held-out prompts, which only the reward model's evaluation reads;
 2. rm: a reward model trained again from ``rm.model`` (the SFT model) on every round's pairs, its scale measured on
@@ -84,6 +85,8 @@ def round_configs(cfg: RunConfig, k: int, heldout_prompts: str) -> Round:
     collect.policy, collect.out = previous, str(here / "prefs" / "train.jsonl")
     collect.seed = derive_seed(cfg.collect.seed, f"round_{k}/collect")  # other samples than any round's before
     collect.against, collect.against_pairs = start_of(cfg, k - 1), cfg.against_pairs
+    if cfg.world.n_prompts_deploy:  # the traffic of a deployed model: prompts no earlier step has seen
+        collect.prompts = str(Path(cfg.out) / "world" / "prompts_deploy.jsonl")
     held = copy.deepcopy(collect)
     held.prompts, held.out, held.n_prompts = heldout_prompts, str(here / "prefs" / "heldout.jsonl"), None
     held.mismatch_pairs = held.against_pairs = 0  # the RM is judged on the policy's own pairs, as PPO will show it

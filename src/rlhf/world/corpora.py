@@ -6,7 +6,7 @@ answers, compliance with harmful requests, refusal of benign ones, rambling). A 
 it is the "base model" the pipeline has to fix. Compliance is always written with placeholders
 ("[ITEM]", "[STEP]"): the corpus never holds real harmful content.
 
-Chat transcripts use train-split tasks only; held-out phrasings and entities never appear in them.
+Chat transcripts use train-split tasks only; held-out and deployment phrasings and entities never appear in them.
 Held-out *facts* do appear in the prose, so that a held-out question is answerable in principle.
 Everything is drawn from explicit `random.Random` streams, one per artefact.
 """
@@ -330,8 +330,12 @@ def chat(prompt: str, reply: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
 
-def pretrain_corpus(n_docs: int, seed: int) -> list[dict]:
-    """The web: about half prose ({"text"}) and half chat transcripts on training tasks ({"messages"})."""
+def pretrain_corpus(n_docs: int, seed: int, deploy: bool = False) -> list[dict]:
+    """The web: about half prose ({"text"}) and half chat transcripts on training tasks ({"messages"}).
+
+    ``deploy``: the deployment split's facts join the prose (``deploy_prose``), so that its questions are
+    answerable in principle, as the held-out ones are; the documents without them stay the same.
+    """
     rng = random.Random(seed)
     docs: list[dict] = []
     for _ in range(n_docs):
@@ -340,7 +344,46 @@ def pretrain_corpus(n_docs: int, seed: int) -> list[dict]:
             docs.append({"messages": chat(task.prompt, web_response(task, rng))})
         else:
             docs.append({"text": _prose_document(rng)})
+    if deploy:
+        extra = deploy_prose(round(n_docs * DEPLOY_PROSE_SHARE), derive_seed(seed, "deploy"))
+        positions = random.Random(derive_seed(seed, "deploy/positions"))
+        for doc in extra:  # spread among the others, not in one block at the end
+            docs.insert(positions.randrange(len(docs) + 1), doc)
     return docs
+
+
+# Extra prose documents (a share of n_docs) for the deployment facts: with it a deployment country or animal is
+# stated about as often as one of the other tables' (about n_docs / 200 times each).
+DEPLOY_PROSE_SHARE = 0.08
+
+
+def deploy_prose(n_docs: int, seed: int) -> list[dict]:
+    """Prose documents stating the deployment split's facts: capitals, animals, how-tos, dangers, words, greetings."""
+    rng = random.Random(seed)
+
+    def one() -> str:
+        what = rng.choice(("capital", "animal", "howto", "danger", "word", "greeting"))
+        if what == "capital":
+            country, capital = rng.choice(E.DEPLOY_COUNTRIES)
+            return _fill(rng, L.CAPITAL_PROSE, country=country, capital=capital)
+        if what == "animal":
+            animal = rng.choice(E.DEPLOY_ANIMALS)
+            slots = {"animal": with_article(animal.name), "Animal": _capitalise(with_article(animal.name))}
+            if animal.sounds and rng.random() < 0.5:
+                return _fill(rng, L.SOUND_PROSE, sound=animal.sounds[0], **slots)
+            return _fill(rng, L.LEGS_PROSE, n=animal.legs, **{**slots, "animal": animal.name})
+        if what == "howto":
+            topic = rng.choice(E.DEPLOY_BENIGN)
+            return _fill(rng, L.HOWTO_PROSE, request=topic.request, answer=topic.answer,
+                         answer_lower=topic.answer[0].lower() + topic.answer[1:])
+        if what == "danger":
+            return _fill(rng, L.DANGER_PROSE, request=rng.choice(E.DEPLOY_HARMFUL).request)
+        if what == "word":
+            return _fill(rng, L.WORD_PROSE, word=rng.choice(E.DEPLOY_REPEAT_WORDS))
+        name, name2 = rng.choice(E.DEPLOY_NAMES), rng.choice(E.NAMES)
+        return _fill(rng, L.GREETING_PROSE, greeting=rng.choice(L.GREETINGS).format(name=name), name2=name2)
+
+    return [{"text": " ".join(one() for _ in range(rng.randint(1, 3)))} for _ in range(n_docs)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -381,12 +424,17 @@ def _world_summary(seed: int, counts: dict[str, int], files: dict[str, str]) -> 
 
 def write_world(out_dir: str | os.PathLike, *, seed: int = 0, n_pretrain: int = 20000,
                 n_sft: int = 2000, n_sft_val: int = 200, n_prompts_train: int = 1000,
-                n_prompts_heldout: int = 300) -> dict[str, str]:
-    """Write every corpus of the world as JSONL, plus world.json; returns {name: path}."""
+                n_prompts_heldout: int = 300, n_prompts_deploy: int = 0) -> dict[str, str]:
+    """Write every corpus of the world as JSONL, plus world.json; returns {name: path}.
+
+    ``n_prompts_deploy`` > 0 adds the deployment split: its prompts (prompts_deploy.jsonl) and its facts in the
+    pretraining prose; with 0 the world is the one without that split, file for file.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    deploy = n_prompts_deploy > 0
     artefacts = {
-        "pretrain": (n_pretrain, lambda n: pretrain_corpus(n, derive_seed(seed, "pretrain"))),
+        "pretrain": (n_pretrain, lambda n: pretrain_corpus(n, derive_seed(seed, "pretrain"), deploy=deploy)),
         "sft_train": (n_sft, lambda n: sft_demos(n, derive_seed(seed, "sft_train"))),
         "sft_val": (n_sft_val, lambda n: sft_demos(n, derive_seed(seed, "sft_val"))),
         "prompts_train": (n_prompts_train,
@@ -394,6 +442,8 @@ def write_world(out_dir: str | os.PathLike, *, seed: int = 0, n_pretrain: int = 
         "prompts_heldout": (n_prompts_heldout,
                             lambda n: prompt_set("heldout", n, derive_seed(seed, "prompts_heldout"))),
     }
+    if deploy:
+        artefacts["prompts_deploy"] = (n_prompts_deploy, lambda n: prompt_set("deploy", n, derive_seed(seed, "prompts_deploy")))
     paths: dict[str, str] = {}
     for name, (count, build) in artefacts.items():
         path = out / f"{name}.jsonl"
@@ -401,6 +451,8 @@ def write_world(out_dir: str | os.PathLike, *, seed: int = 0, n_pretrain: int = 
         paths[name] = str(path)
     counts = {name: count for name, (count, _) in artefacts.items()}
     summary = _world_summary(seed, counts, {k: Path(v).name for k, v in paths.items()})
+    if deploy:
+        summary["deploy_entities"] = sorted(E.deploy_surfaces())
     write_json_atomic(out / "world.json", summary)
     paths["world"] = str(out / "world.json")
     return paths

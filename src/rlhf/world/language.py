@@ -151,6 +151,13 @@ def _entity_words() -> list[str]:
         words += [category] + list(items) + [plural(i) for i in items]
     words += [h.request + " " + h.alternative for h in E.HARMFUL_INTENTS]
     words += [b.request + " " + b.answer for b in E.BENIGN_TOPICS]
+    # The deployment split's entities: a right answer about them is written in known words too.
+    words += [name for pair in E.DEPLOY_COUNTRIES for name in pair] + list(E.DEPLOY_FAKE_COUNTRIES)
+    words += list(E.DEPLOY_NAMES) + list(E.DEPLOY_REPEAT_WORDS) + list(E.DEPLOY_CONTESTS)
+    for animal in E.DEPLOY_ANIMALS:
+        words += [animal.name, plural(animal.name)] + [f for s in animal.sounds for f in inflections(s)]
+    words += [h.request + " " + h.alternative for h in E.DEPLOY_HARMFUL]
+    words += [b.request + " " + b.answer for b in E.DEPLOY_BENIGN]
     words += [p.text for k in T.KINDS for p in k.phrasings]
     return words
 
