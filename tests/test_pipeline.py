@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,17 @@ def test_iterate_adds_a_round_from_the_last_policy(tiny_run, capsys):
     assert '<section id="rounds">' in page and str(here / "ppo") in page  # the red team's model: the last round's
     rounds = page[page.index('<section id="rounds">'):]
     assert 'alt="every round&#x27;s figures against the round"' in rounds[:rounds.index("</section>")]  # the plot
+    # Interrupted after round 2's PPO checkpoint at step 2: `rlhf iterate` resumes inside round 2 (it adds no round)
+    # and ends with the same weights and figures.
+    assert sorted(p.name for p in (here / "ppo").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    shutil.rmtree(here / "ppo" / "checkpoint-3")
+    for gone in (here / "ppo" / "stage.json", here / "ppo" / "model.safetensors", here / "eval" / "ppo.json", here / "eval" / "kl.json"):
+        gone.unlink()
+    shutil.rmtree(here / "redteam")
+    assert main(["iterate", str(tiny_run)]) == 0 and not (tiny_run / "round_3").exists()
+    resumed = load_file(str(here / "ppo" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
+    assert json.loads((tiny_run / "summary.json").read_text())["rounds"] == summary["rounds"]
 
 
 # After the simulated round 2: round 3 labelled by people (two scripted annotators in a real browser).

@@ -13,12 +13,14 @@ The penalty rewards have the signature of `rlhf.rl.types.RewardComponent.fn`:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from rlhf.evaluation.diversity import ngrams, words
 
@@ -296,6 +298,14 @@ def detect_ensemble_disagreement(history: Sequence[IterationStats], t: HackingTh
 
 
 # -- the monitor ------------------------------------------------------------------------------------
+
+def fired_detectors(ppo_out: str | Path) -> list[str]:
+    """The detectors that fired during a PPO run (its ``alerts.jsonl``), each once, sorted; [] without the file."""
+    path = Path(ppo_out) / "alerts.jsonl"
+    if not path.is_file():
+        return []
+    return sorted({json.loads(line)["detector"] for line in path.read_text().splitlines() if line.strip()})
+
 
 @dataclass
 class _Record:

@@ -674,8 +674,10 @@ def _rounds(run: Run) -> Html:
             "on every round's pairs and continues PPO from that policy. RM gold accuracy is measured on pairs of the "
             "round's starting policy on held-out prompts: before is the previous round's reward model, which that "
             "policy was trained against.")
-    rows = [[_fmt(r.get("round")), *(_fmt(_num(r.get(k))) for k, _ in ROUND_COLUMNS)] for r in rounds]
-    return _section("rounds", "Rounds", _tag("p", note, "note"), _table(["round", *(label for _, label in ROUND_COLUMNS)], rows, "num"),
+    rows = [[_fmt(r.get("round")), *(_fmt(_num(r.get(k))) for k, _ in ROUND_COLUMNS),
+             ", ".join(str(a) for a in _list(r.get("alerts"))) or "-"] for r in rounds]
+    head = ["round", *(label for _, label in ROUND_COLUMNS), "hacking detectors fired"]
+    return _section("rounds", "Rounds", _tag("p", note, "note"), _table(head, rows, "num"),
                     _rounds_png(rounds))
 
 

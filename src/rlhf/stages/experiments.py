@@ -30,6 +30,7 @@ from rich.table import Table
 from rlhf.config import RunConfig
 from rlhf.data.io import read_jsonl, write_jsonl_atomic
 from rlhf.evaluation.alignment_tax import alignment_tax, pct_change
+from rlhf.evaluation.hacking import fired_detectors
 from rlhf.evaluation.policy import run_eval
 from rlhf.fsutil import stage_done, write_json_atomic
 from rlhf.report.metrics import read_metrics
@@ -85,12 +86,11 @@ def reward_hacking(cfg: RunConfig, *, length_weight: float = 2.0, length_target:
         ppo.safety.length_weight, ppo.safety.length_target = weight, length_target
         held = _ppo_then_eval(cfg, ppo, name, root)
         metrics = read_metrics(Path(ppo.out) / "metrics.jsonl")
-        alerts = [json.loads(line)["detector"] for line in (Path(ppo.out) / "alerts.jsonl").read_text().splitlines()
-                  ] if (Path(ppo.out) / "alerts.jsonl").is_file() else []
+        alerts = fired_detectors(ppo.out)
         (p0, p1), (g0, g1), (l0, l1) = (_ends(metrics, k) for k in ("objective/scores", "objective/gold", "response/length"))
         runs[name] = {"length_weight": weight, "proxy_start": p0, "proxy_end": p1, "gold_start": g0, "gold_end": g1,
                       "length_start": l0, "length_end": l1, "heldout_gold": held["gold_score"],
-                      "heldout_length": held["mean_length"], "alerts": sorted(set(alerts))}
+                      "heldout_length": held["mean_length"], "alerts": alerts}
     sft = json.loads((Path(cfg.out) / "eval" / "sft.json").read_text())
     result = {"annotator": BIASED_ANNOTATOR, "pairs": len(read_jsonl(prefs)), "kl_coef": kl_coef,
               "iterations": iterations, "lr": lr,

@@ -244,8 +244,8 @@ def print_rounds(rounds: list[dict]) -> None:
     table = Table(title="rounds (held-out prompts, gold judge; the reward model on each round's held-out pairs)")
     keys = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "over_hedging", "kl_to_sft",
             "rm_gold_accuracy_before", "rm_gold_accuracy")
-    for name in ("round", *keys):
+    for name in ("round", *keys, "alerts"):
         table.add_column(name, justify="right")
     for r in rounds:
-        table.add_row(str(r["round"]), *(_fmt(r.get(k)) for k in keys))
+        table.add_row(str(r["round"]), *(_fmt(r.get(k)) for k in keys), ", ".join(r.get("alerts") or []) or "-")
     Console().print(table)

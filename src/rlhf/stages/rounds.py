@@ -29,6 +29,7 @@ from pathlib import Path
 from rlhf import distributed
 from rlhf.config import CollectConfig, EvalConfig, EvalRMConfig, PPOConfig, RewardConfig, RunConfig
 from rlhf.configlib import ConfigError
+from rlhf.evaluation.hacking import fired_detectors
 from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import stage_done, write_json_atomic
@@ -162,10 +163,11 @@ def eval_folder(cfg: RunConfig, k: int) -> Path:
 
 def round_figures(cfg: RunConfig, k: int) -> dict:
     """One row of the rounds table: the policy's held-out figures, its KL to SFT, the reward model's gold accuracy
-    (for k >= 2: before and after retraining, on the round's held-out pairs)."""
+    (for k >= 2: before and after retraining, on the round's held-out pairs), and the reward-hacking detectors that
+    fired during its PPO."""
     here = eval_folder(cfg, k)
     ev, kl, rm = (json.loads((here / f"{name}.json").read_text()) for name in ("ppo", "kl", "rm"))
     before = json.loads((here / "rm_before.json").read_text()) if k > 1 else {}
     return {"round": k, **{key: ev.get(key) for key in ROUND_KEYS}, "win_rate_ci95": ev.get("intervals", {}).get("win_rate"),
             "kl_to_sft": kl["kl"], "rm_gold_accuracy": rm.get("gold_accuracy"),
-            "rm_gold_accuracy_before": before.get("gold_accuracy")}
+            "rm_gold_accuracy_before": before.get("gold_accuracy"), "alerts": fired_detectors(policy_of(cfg, k))}
