@@ -358,3 +358,22 @@ def test_human_round_trains_on_the_apps_labels(tiny_run, capsys):
     assert json.loads((here / "prefs" / "train.stats.json").read_text())["kappa"] == 1.0
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3] and summary["redteam"]["model"] == str(here / "ppo")
+
+
+# After the human round 3: the run's 3 rounds against one round with as many labels and PPO iterations.
+def test_iterated_experiment_compares_rounds_with_one_round_of_as_many_labels(tiny_run, capsys):
+    # --ppo.iterations 1: the finished stages are kept, the one-round arm runs 3 x 1 PPO iterations
+    assert main(["experiment", "iterated", "--config", TINY, "--out", str(tiny_run), "--rounds", "3", "--ppo.iterations", "1"]) == 0
+    here = tiny_run / "iterated"
+    result = json.loads((here / "iterated.json").read_text())
+    lines = lambda p: (tiny_run / p).read_text().splitlines()  # noqa: E731
+    assert lines("iterated/prefs/all.jsonl") == lines("prefs/train.jsonl") + lines("iterated/prefs/round_2.jsonl") + lines(
+        "iterated/prefs/round_3.jsonl")
+    extra = json.loads((here / "prefs" / "round_2.stats.json").read_text())["config"]
+    assert extra["policy"] == str(tiny_run / "sft") and extra["prompts"] == json.loads(
+        (tiny_run / "round_2" / "prefs" / "train.stats.json").read_text())["config"]["prompts"]
+    ppo = json.loads((here / "ppo" / "stage.json").read_text())["config"]
+    assert (ppo["policy"], ppo["reward_model"], ppo["iterations"]) == (str(tiny_run / "sft"), str(here / "rm"), 3)
+    assert result["iterated"] == json.loads((tiny_run / "summary.json").read_text())["rounds"][-1]
+    assert result["labels"]["one_round"] == len(lines("iterated/prefs/all.jsonl")) > len(lines("prefs/train.jsonl"))
+    assert 0 <= result["one_round"]["gold_score"] <= 1 and "3 rounds against one round" in capsys.readouterr().out

@@ -189,6 +189,8 @@ def _cmd_experiment(ns: argparse.Namespace) -> None:
                                    iterations=ns.iterations, lr=ns.lr)
     elif ns.experiment == "seeds":
         experiments.ppo_seeds(cfg, ns.seeds or [1, 2])
+    elif ns.experiment == "iterated":
+        experiments.iterated(cfg)
     elif ns.experiment == "algorithms":
         from rlhf.stages.algorithms import compare_algorithms
 
@@ -305,9 +307,10 @@ def _add_experiment(sub) -> None:
     help_text = ("controlled experiments on a pipeline run: reward-hacking (RM on the length-biased annotator, PPO "
                  "without and with the length penalty), alignment-tax (PPO with and without PPO-ptx), seeds (PPO "
                  "again with other seeds: the spread of the headline figures) and algorithms (PPO, GRPO, RLOO, "
-                 "REINFORCE++, DPO and best-of-16 on the same SFT model, reward model and prompts)")
+                 "REINFORCE++, DPO and best-of-16 on the same SFT model, reward model and prompts) and iterated "
+                 "(--rounds N rounds against one round with as many labels and PPO iterations)")
     p = sub.add_parser("experiment", help=help_text, description=help_text)
-    p.add_argument("experiment", choices=["reward-hacking", "alignment-tax", "seeds", "algorithms"])
+    p.add_argument("experiment", choices=["reward-hacking", "alignment-tax", "seeds", "algorithms", "iterated"])
     p.add_argument("--config", metavar="FILE", help="pipeline YAML (e.g. configs/demo.yaml); its stages run first when unfinished")
     p.add_argument("--length_weight", type=float, default=2.0, help="reward-hacking: weight of the length penalty in the second run")
     p.add_argument("--length_target", type=int, default=12, help="reward-hacking: words before the length penalty starts")

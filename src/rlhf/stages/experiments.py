@@ -14,6 +14,10 @@ red team) with other seeds on the same base, SFT and reward model, and writes RU
 headline figures of every seed, the run's own included, with their mean and standard deviation. One
 run's figures are one draw; this says how far the next draw may land from them.
 
+`rlhf experiment iterated --config configs/demo.yaml --rounds 2` compares the run's rounds with one round that has
+as many labels (all from the SFT model, on the same prompts) and as many PPO iterations, and writes
+RUN/iterated/iterated.json: what sampling each round's pairs from the latest policy is worth.
+
 All first run (or find finished) the pipeline stages they build on.
 """
 
@@ -28,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhf.config import RunConfig
+from rlhf.configlib import ConfigError
 from rlhf.data.io import read_jsonl, write_jsonl_atomic
 from rlhf.evaluation.alignment_tax import alignment_tax, pct_change
 from rlhf.evaluation.hacking import fired_detectors
@@ -198,5 +203,60 @@ def ppo_seeds(cfg: RunConfig, seeds: list[int]) -> dict:
         table.add_column(col, justify="right")
     for k, (m, sd) in spread.items():
         table.add_row(k, *("-" if f[k] is None else f"{f[k]:.3f}" for f in figures.values()), f"{m:.3f} ± {sd:.3f}")
+    Console().print(table)
+    return result
+
+
+def _count_rows(path: str | Path) -> int:
+    return sum(1 for line in Path(path).read_text().splitlines() if line.strip())
+
+
+def iterated(cfg: RunConfig) -> dict:
+    """N rounds of iterated RLHF against one round with as many labels and PPO iterations (RUN/iterated/).
+
+    The rounds arm is the run's own rounds 2..N (run first when unfinished). The one-round arm collects the same
+    number of extra pairs from the SFT model on the same prompts (each round's collection again, with the SFT
+    model as the policy), trains the reward model once on round 1's pairs and those, and runs PPO from SFT for
+    N times the iterations: what the rounds add is only that later pairs come from later policies.
+    """
+    from rlhf.stages.collect import run_collect
+    from rlhf.stages.pipeline import round_of
+    from rlhf.stages.rounds import combine_pairs, round_figures, train_pairs_of
+
+    if cfg.rounds < 2:
+        raise ConfigError("experiment iterated: set --rounds N (N >= 2), the rounds the one-round arm is compared with")
+    run_pipeline(cfg)
+    cfg = stage_configs(cfg)
+    root = Path(cfg.out) / "iterated"
+    last = round_of(cfg, cfg.rounds)
+    rm, extra = copy.deepcopy(last.rm), []
+    for k in range(2, cfg.rounds + 1):  # round k's collection again, written by the SFT model
+        c = copy.deepcopy(round_of(cfg, k).collect)
+        c.policy, c.against_pairs, c.out = cfg.sft.out, 0, str(root / "prefs" / f"round_{k}.jsonl")
+        if not Path(c.out).is_file():
+            run_collect(c)
+        extra.append(c.out)
+    rm.data.path, rm.out, rm.normalize.policy = str(root / "prefs" / "all.jsonl"), str(root / "rm"), cfg.sft.out
+    combine_pairs([train_pairs_of(cfg, 1), *extra], rm)
+    if stage_done(rm.out) is None:
+        run_rm(rm)
+    ppo = copy.deepcopy(cfg.ppo)
+    ppo.reward_model, ppo.out, ppo.iterations = rm.out, str(root / "ppo"), cfg.ppo.iterations * cfg.rounds
+    if stage_done(ppo.out) is None:
+        run_ppo(ppo)
+    ev, kl = eval_against_sft(cfg, ppo.out, root)
+    one = {**{k: ev.get(k) for k in SEED_METRICS if k not in ("kl", "asr")}, "kl_to_sft": kl["kl"],
+           "win_rate_ci95": ev.get("intervals", {}).get("win_rate"), "alerts": fired_detectors(ppo.out)}
+    rounds = round_figures(cfg, cfg.rounds)
+    result = {"rounds": cfg.rounds, "labels": {"rounds": sum(_count_rows(train_pairs_of(cfg, k)) for k in range(1, cfg.rounds + 1)),
+                                               "one_round": _count_rows(rm.data.path)},
+              "ppo_iterations": ppo.iterations, "iterated": rounds, "one_round": one}
+    write_json_atomic(root / "iterated.json", result)
+    table = Table(title=f"{cfg.rounds} rounds against one round with as many labels ({result['labels']['rounds']} and "
+                        f"{result['labels']['one_round']}) and PPO iterations ({ppo.iterations}); held-out prompts")
+    for col in ("metric", f"{cfg.rounds} rounds", "1 round"):
+        table.add_column(col, justify="right")
+    for key in ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "over_hedging", "honesty", "accuracy", "kl_to_sft"):
+        table.add_row(key, *(f"{v:.3f}" if isinstance(v, (int, float)) else "-" for v in (rounds.get(key), one.get(key))))
     Console().print(table)
     return result

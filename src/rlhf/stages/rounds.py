@@ -109,14 +109,18 @@ def round_configs(cfg: RunConfig, k: int, heldout_prompts: str) -> Round:
 
 
 def all_pairs(cfg: RunConfig, r: Round) -> None:
-    """Every round's training pairs in one file (round order), and the annotators any round's collection flagged
-    added to ``r.rm.exclude_annotators`` (the combined file has no collection statistics of its own)."""
-    files = [train_pairs_of(cfg, j) for j in range(1, r.k + 1)]
-    if r.rm.drop_flagged_annotators:
+    """Every round's training pairs in one file (round order) for round r's reward model."""
+    combine_pairs([train_pairs_of(cfg, j) for j in range(1, r.k + 1)], r.rm)
+
+
+def combine_pairs(files: list[str], rm: RewardConfig) -> None:
+    """`files` in one file at ``rm.data.path``, and the annotators any of their collections flagged added to
+    ``rm.exclude_annotators`` (the combined file has no collection statistics of its own)."""
+    if rm.drop_flagged_annotators:
         flagged = {name for f in files for name in (collection_report(f) or {}).get("flagged", [])}
-        r.rm.exclude_annotators = sorted(set(r.rm.exclude_annotators) | flagged)
-        r.rm.drop_flagged_annotators = False
-    out = Path(r.rm.data.path)
+        rm.exclude_annotators = sorted(set(rm.exclude_annotators) | flagged)
+        rm.drop_flagged_annotators = False
+    out = Path(rm.data.path)
     if distributed.is_main() and not out.is_file():
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text("".join(Path(f).read_text() for f in files))
