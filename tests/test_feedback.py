@@ -442,3 +442,17 @@ def test_exported_labels_train_a_reward_model(tiny_llama, tmp_path, capsys):
     summary = json.loads((out / "stage.json").read_text())
     assert summary["pairs"] + summary["val_pairs"] == 48
     assert (out / "config.json").is_file()
+
+
+def test_a_rounds_agreement_gate_pools_kappa_and_refuses_below_the_bar(tmp_path):
+    from rlhf.configlib import ConfigError
+    from rlhf.stages.human import check_agreement, pooled_kappa
+
+    report = {"kappa": {"a|b": {"kappa": 0.8, "n": 30}, "a|c": {"kappa": 0.2, "n": 10}, "b|c": {"kappa": None, "n": 0}},
+              "flagged": ["c"]}
+    assert pooled_kappa(report) == (pytest.approx(0.65), 40)  # (0.8 x 30 + 0.2 x 10) / 40
+    assert check_agreement(report, tmp_path / "a.db", 0.6, ignore=False) == pytest.approx(0.65)
+    with pytest.raises(ConfigError, match=r"kappa 0.65 over 40 shared labels, below --min_kappa 0.7.*\['c'\]"):
+        check_agreement(report, tmp_path / "a.db", 0.7, ignore=False)
+    assert check_agreement(report, tmp_path / "a.db", 0.7, ignore=True) == pytest.approx(0.65)
+    assert pooled_kappa({"kappa": {}, "flagged": []}) == (None, 0)

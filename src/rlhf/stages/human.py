@@ -47,9 +47,10 @@ def start_feedback(run: Path, r: Round, n_prompts: int | None = None) -> dict:
     from rlhf.report.progress import progress_bar
     from rlhf.rollout import generate
 
-    if Path(r.collect.out).is_file() or feedback_db(r).exists():
-        raise ConfigError(f"round {r.k} of {run} has already begun ({feedback_db(r) if feedback_db(r).exists() else r.collect.out} "
-                          f"exists): finish it with `rlhf iterate {run}` (or --continue after labelling); nothing was written")
+    begun = [p for p in (Path(r.collect.out), feedback_folder(r) / "round.json") if p.is_file()]
+    if begun:  # a database without round.json is a start that was interrupted: its items are added again, once
+        raise ConfigError(f"round {r.k} of {run} has already begun ({begun[0]} exists): finish it with `rlhf iterate "
+                          f"{run}` (or --continue after labelling); nothing was written")
     prompts = [ex.prompt for ex in load_prompts(r.collect.prompts)][: n_prompts or r.collect.n_prompts]
     model, tok = load_causal_lm(r.collect.policy, r.collect.load)
     repeated = [p for p in prompts for _ in range(RESPONSES_PER_PROMPT)]
