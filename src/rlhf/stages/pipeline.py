@@ -14,6 +14,7 @@ import re
 import time
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -241,11 +242,17 @@ def print_summary(summary: dict) -> None:
 
 
 def print_rounds(rounds: list[dict]) -> None:
-    table = Table(title="rounds (held-out prompts, gold judge; the reward model on each round's held-out pairs)")
-    keys = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "over_hedging", "kl_to_sft",
-            "rm_gold_accuracy_before", "rm_gold_accuracy")
-    for name in ("round", *keys, "alerts"):
-        table.add_column(name, justify="right")
+    table = Table(title="rounds (held-out prompts, gold judge; win and KL against SFT)", box=box.SIMPLE_HEAD)
+    columns = {"gold_score": "gold", "win_rate": "win", "harmful_compliance": "harmful", "over_refusal": "refusal",
+               "over_hedging": "hedging", "kl_to_sft": "KL", "rm_gold_accuracy_before": "RM old",
+               "rm_gold_accuracy": "RM new"}  # short headers, so that the table fits in 80 columns
+    for name in ("round", *columns.values()):
+        table.add_column(name, justify="right", min_width=len(name))
     for r in rounds:
-        table.add_row(str(r["round"]), *(_fmt(r.get(k)) for k in keys), ", ".join(r.get("alerts") or []) or "-")
-    Console().print(table)
+        table.add_row(str(r["round"]), *(_fmt(r.get(k)) for k in columns))
+    console = Console()
+    console.print(table)
+    console.print("RM old, RM new: gold accuracy of the previous and of the new reward model on the round's held-out pairs")
+    for r in rounds:
+        if r.get("alerts"):
+            console.print(f"round {r['round']}: reward-hacking detectors fired: {', '.join(r['alerts'])}")
