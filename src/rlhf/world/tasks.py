@@ -96,7 +96,8 @@ class Kind:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Phrasings. Each family has 6-10, of which 1-2 are held out and 1-2 are kept for the deployment split.
+# Phrasings. Each family has 5-8 for training and held-out prompts, of which 1-2 are held out; each kind keeps
+# 1-2 more for the deployment split.
 # ---------------------------------------------------------------------------------------------------
 
 ARITHMETIC_PHRASINGS = (
