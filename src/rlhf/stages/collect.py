@@ -16,6 +16,7 @@ no difference says "tie"; ties make no row (they are counted in the statistics w
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import random
@@ -77,12 +78,24 @@ def label_pair(task, a: str, b: str, names: list[str], rng: random.Random) -> tu
     return rows, verdicts
 
 
-def sample(policy: str, prompts, cfg: CollectConfig, seed: int) -> list:
-    """cfg.k responses per prompt from `policy`, in batched passes (prompt-major: (N * K,))."""
+def evaluation_pairs(cfg: CollectConfig, prompts: str, out: str, seed: int) -> CollectConfig:
+    """cfg for pairs that only evaluate a reward model: every prompt of `prompts`, and the policy's own pairs only
+    (no mismatched or other-policy pairs), as PPO will show the reward model its replies."""
+    held = copy.deepcopy(cfg)
+    held.prompts, held.out, held.seed, held.n_prompts = prompts, out, seed, None
+    held.mismatch_pairs = held.against_pairs = 0
+    return held
+
+
+def sample(policy: str, prompts, cfg: CollectConfig, seed: int, k: int | None = None) -> tuple[list[list[str]], list]:
+    """k (default cfg.k) responses per prompt from `policy`, in batched passes: their texts (N, K), and the
+    generations themselves, prompt-major (N * K,)."""
+    k = k or cfg.k
     model, tok = load_causal_lm(policy, cfg.load)
-    repeated = [ex.prompt for ex in prompts for _ in range(cfg.k)]
+    repeated = [ex.prompt for ex in prompts for _ in range(k)]
     with progress_bar(f"collect: sampling {Path(policy).name}", len(repeated)) as bar:
-        return generate(model, tok, repeated, cfg.generation, seed=seed, progress=bar)
+        gens = generate(model, tok, repeated, cfg.generation, seed=seed, progress=bar)
+    return [[g.text for g in gens[i * k : (i + 1) * k]] for i in range(len(prompts))], gens
 
 
 def run_collect(cfg: CollectConfig) -> dict:
@@ -100,12 +113,8 @@ def run_collect(cfg: CollectConfig) -> dict:
     prompts = list(load_prompts(cfg.prompts))[: cfg.n_prompts]
     tasks = world_tasks(prompts)
     # 1. K samples per prompt from the policy, in one batched pass (and from `against`, for its pairs).
-    gens = sample(cfg.policy, prompts, cfg, cfg.seed)
-    texts = [[g.text for g in gens[i * cfg.k : (i + 1) * cfg.k]] for i in range(len(prompts))]  # (N, K)
-    against = []
-    if cfg.against_pairs:
-        others = sample(cfg.against, prompts, cfg, derive_seed(cfg.seed, "against"))
-        against = [[g.text for g in others[i * cfg.k : (i + 1) * cfg.k]] for i in range(len(prompts))]  # (N, K)
+    texts, gens = sample(cfg.policy, prompts, cfg, cfg.seed)  # (N, K)
+    against = sample(cfg.against, prompts, cfg, derive_seed(cfg.seed, "against"))[0] if cfg.against_pairs else []
     rows, verdicts, identical, empty = [], {}, 0, 0
 
     def add_pair(i: int, pair_id: str, first: str, second: str, rng: random.Random) -> None:

@@ -207,10 +207,6 @@ def ppo_seeds(cfg: RunConfig, seeds: list[int]) -> dict:
     return result
 
 
-def _count_rows(path: str | Path) -> int:
-    return sum(1 for line in Path(path).read_text().splitlines() if line.strip())
-
-
 def iterated(cfg: RunConfig) -> dict:
     """N rounds of iterated RLHF against one round with as many labels and PPO iterations (RUN/iterated/).
 
@@ -248,8 +244,8 @@ def iterated(cfg: RunConfig) -> dict:
     one = {**{k: ev.get(k) for k in SEED_METRICS if k not in ("kl", "asr")}, "kl_to_sft": kl["kl"],
            "win_rate_ci95": ev.get("intervals", {}).get("win_rate"), "alerts": fired_detectors(ppo.out)}
     rounds = round_figures(cfg, cfg.rounds)
-    result = {"rounds": cfg.rounds, "labels": {"rounds": sum(_count_rows(train_pairs_of(cfg, k)) for k in range(1, cfg.rounds + 1)),
-                                               "one_round": _count_rows(rm.data.path)},
+    result = {"rounds": cfg.rounds, "labels": {"rounds": sum(len(read_jsonl(train_pairs_of(cfg, k))) for k in range(1, cfg.rounds + 1)),
+                                               "one_round": len(read_jsonl(rm.data.path))},
               "ppo_iterations": ppo.iterations, "iterated": rounds, "one_round": one}
     write_json_atomic(root / "iterated.json", result)
     table = Table(title=f"{cfg.rounds} rounds against one round with as many labels ({result['labels']['rounds']} and "

@@ -24,7 +24,7 @@ from rlhf.config import RunConfig
 from rlhf.configlib import ConfigError
 from rlhf.data.io import load_prompts, write_jsonl_atomic
 from rlhf.fsutil import read_json, write_json_atomic
-from rlhf.stages.collect import stats_path
+from rlhf.stages.collect import sample, stats_path
 from rlhf.stages.rounds import Round, feedback_folder, waiting_for_labels
 
 log = logging.getLogger("rlhf.iterate")
@@ -43,20 +43,14 @@ def start_feedback(run: Path, r: Round, n_prompts: int | None = None) -> dict:
     from rlhf.feedback.config import QueueConfig
     from rlhf.feedback.sources import build_items
     from rlhf.feedback.store import Store
-    from rlhf.models.loading import load_causal_lm
-    from rlhf.report.progress import progress_bar
-    from rlhf.rollout import generate
 
     begun = [p for p in (Path(r.collect.out), feedback_folder(r) / "round.json") if p.is_file()]
     if begun:  # a database without round.json is a start that was interrupted: its items are added again, once
         raise ConfigError(f"round {r.k} of {run} has already begun ({begun[0]} exists): finish it with `rlhf iterate "
                           f"{run}` (or --continue after labelling); nothing was written")
-    prompts = [ex.prompt for ex in load_prompts(r.collect.prompts)][: n_prompts or r.collect.n_prompts]
-    model, tok = load_causal_lm(r.collect.policy, r.collect.load)
-    repeated = [p for p in prompts for _ in range(RESPONSES_PER_PROMPT)]
-    with progress_bar(f"round {r.k} feedback: sampling", len(repeated)) as bar:
-        gens = generate(model, tok, repeated, r.collect.generation, seed=r.collect.seed, progress=bar)
-    rows = [(p, [g.text for g in gens[i * RESPONSES_PER_PROMPT:(i + 1) * RESPONSES_PER_PROMPT]]) for i, p in enumerate(prompts)]
+    prompts = list(load_prompts(r.collect.prompts))[: n_prompts or r.collect.n_prompts]
+    texts, _ = sample(r.collect.policy, prompts, r.collect, r.collect.seed, k=RESPONSES_PER_PROMPT)  # as collect samples
+    rows = [(ex.prompt, replies) for ex, replies in zip(prompts, texts)]
     queue = QueueConfig(tasks=["pair"], k=RESPONSES_PER_PROMPT, overlap=r.collect.overlap, seed=r.collect.seed)
     specs, unusable = build_items(rows, queue)
     if not specs:

@@ -27,7 +27,7 @@ from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import atomic_dir, check_out, read_json, stage_done, write_json_atomic
 from rlhf.report.html import build_report
 from rlhf.safety.redteam import headline, run_redteam
-from rlhf.stages.collect import run_collect
+from rlhf.stages.collect import evaluation_pairs, run_collect
 from rlhf.stages.ppo import run_ppo
 from rlhf.stages.pretrain import run_pretrain
 from rlhf.stages.reward import run_rm
@@ -112,11 +112,8 @@ def run_state(path: Path) -> str | None:
 
 def heldout_collect(cfg: RunConfig):
     """Preference pairs on the held-out prompts (other phrasings and entities) for evaluating the RM."""
-    held = copy.deepcopy(cfg.collect)
-    held.prompts, held.seed = str(Path(cfg.out) / "world" / "prompts_heldout.jsonl"), cfg.collect.seed + 1
-    held.out, held.n_prompts = str(Path(cfg.out) / "prefs" / "heldout.jsonl"), None
-    held.mismatch_pairs = held.against_pairs = 0  # the RM is judged on pairs of the policy's own responses, as PPO will show it
-    return held
+    return evaluation_pairs(cfg.collect, str(Path(cfg.out) / "world" / "prompts_heldout.jsonl"),
+                            str(Path(cfg.out) / "prefs" / "heldout.jsonl"), cfg.collect.seed + 1)
 
 
 def run_pipeline(cfg: RunConfig) -> dict:

@@ -33,7 +33,7 @@ from rlhf.evaluation.hacking import fired_detectors
 from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import stage_done, write_json_atomic
-from rlhf.stages.collect import run_collect
+from rlhf.stages.collect import evaluation_pairs, run_collect
 from rlhf.stages.ppo import run_ppo
 from rlhf.stages.reward import collection_report, run_rm
 from rlhf.world import derive_seed
@@ -88,10 +88,8 @@ def round_configs(cfg: RunConfig, k: int, heldout_prompts: str) -> Round:
     collect.against, collect.against_pairs = start_of(cfg, k - 1), cfg.against_pairs
     if cfg.world.n_prompts_deploy:  # the traffic of a deployed model: prompts no earlier step has seen
         collect.prompts = str(Path(cfg.out) / "world" / "prompts_deploy.jsonl")
-    held = copy.deepcopy(collect)
-    held.prompts, held.out, held.n_prompts = heldout_prompts, str(here / "prefs" / "heldout.jsonl"), None
-    held.mismatch_pairs = held.against_pairs = 0  # the RM is judged on the policy's own pairs, as PPO will show it
-    held.seed = derive_seed(cfg.collect.seed, f"round_{k}/heldout")
+    held = evaluation_pairs(collect, heldout_prompts, str(here / "prefs" / "heldout.jsonl"),
+                            derive_seed(cfg.collect.seed, f"round_{k}/heldout"))
     rm = copy.deepcopy(cfg.rm)
     rm.data.path, rm.out = str(here / "prefs" / "all.jsonl"), str(here / "rm")
     rm.normalize.policy, rm.normalize.prompts = previous, cfg.ppo.prompts  # the scale PPO's rollouts will see
