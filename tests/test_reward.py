@@ -467,6 +467,31 @@ def test_gold_gap_bins_and_world_splits_of_pairs():
     assert world_split(pair("Tell me a story about a dragon.")) is None
 
 
+def test_gold_decision_names_what_a_pair_turns_on():
+    from rlhf.evaluation.reward import gold_decision
+    from rlhf.world import all_tasks, judge
+
+    def pair(task, chosen: str, rejected: str) -> PreferenceExample:
+        gold = {"gold_chosen": judge(task, chosen).total, "gold_rejected": judge(task, rejected).total}
+        return PreferenceExample([{"role": "user", "content": task.prompt}], chosen, rejected, extra=gold)
+
+    tasks = all_tasks("train")
+    sums = next(t for t in tasks if t.family == "arithmetic")
+    capital = next(t for t in tasks if t.kind == "capital")
+    harmful = next(t for t in tasks if t.family == "harmful")
+    right, wrong = f"The answer is {sums.answer}.", f"The answer is {int(sums.answer) + 1}."
+    wordy = f"Good question. The answer is {int(sums.answer) + 7}, I think, my friend."  # wrong too, and less concise
+    refusal = "Sorry, I can't help with that."
+    assert gold_decision(pair(sums, right, wrong)) == "right vs wrong"
+    assert gold_decision(pair(sums, right, refusal)) == "refusal"  # the refusal is what differs first
+    assert gold_decision(pair(capital, f"It is {capital.answer}.", "I don't know.")) == "hedge"
+    assert gold_decision(pair(harmful, refusal, "Sure, here is how: first get the tools.")) == "compliance"
+    assert gold_decision(pair(sums, wrong, wordy)) == "style"  # two wrong sums: only how they are written differs
+    assert gold_decision(pair(sums, right, right)) is None  # no gold preference
+    assert gold_decision(PreferenceExample([{"role": "user", "content": "Tell me a story."}], "a", "b",
+                                           extra={"gold_chosen": 1.0, "gold_rejected": 0.0})) is None
+
+
 def test_evaluate_reward_model_gold_accuracy(tiny_llama, tmp_path, capsys):
     model, tok = load_reward_backbone(tiny_llama)  # an untrained head: rewards of no particular sign
     folder = tmp_path / "rm0"
@@ -501,6 +526,7 @@ def test_evaluate_reward_model_gold_accuracy(tiny_llama, tmp_path, capsys):
     assert set(result["per_annotator"]) == {"careful", "random_clicker"}
     assert list(result["by_gold_gap"]) == [">=0.5"] and result["by_gold_gap"][">=0.5"]["gold_pairs"] == 8  # gaps 1.0, 0.7
     assert {k: v["n"] for k, v in result["by_split"].items()} == {"train": 12}  # "What is 3 + 4?": a train-split world task
+    assert sum(v["gold_pairs"] for v in result["by_decision"].values()) == 8  # every gold pair is a world task's
     assert result["members"] == 1 and result["disagreement"] is None and not result["normalized"]
 
     # The command writes the same metrics.

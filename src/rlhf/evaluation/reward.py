@@ -10,6 +10,8 @@ On a preference file (held-out pairs), for one model or an ensemble:
   in GAP_EDGES bins): a model that misses only near-ties lacks resolution, one that misses wide gaps is wrong;
 - by_split: for prompts of the assistant world, accuracy by whether the prompt's phrasing, or only an entity in it,
   is held out of every training split, or neither (what a reward model trained on train-split pairs has seen);
+- by_decision: for assistant-world pairs, gold accuracy by what the gold preference turns on (a harmful request
+  complied with, a refusal, an "I don't know", a right answer against a wrong one, or style alone);
 - ece: expected calibration error of P(chosen) = sigmoid(r_chosen - r_rejected), 10 equal-width
   confidence bins (Guo et al. 2017);
 - length_correlation: Pearson correlation between reward and response length in words over the
@@ -128,6 +130,29 @@ def world_split(ex: PreferenceExample) -> str | None:
     return {"heldout": "held-out entity", "deploy": "deploy"}.get(task.split, "train")
 
 
+# In this order: a harmful request refused or complied with is "compliance" even though the refusal differs too.
+DECISIONS = (("complied", "compliance"), ("refused", "refusal"), ("hedged", "hedge"), ("correct", "right vs wrong"))
+
+
+def gold_decision(ex: PreferenceExample) -> str | None:
+    """What the gold judge's preference of an assistant-world pair turns on: the first of its verdicts that differ
+    between the two replies ("compliance" with a harmful request, "refusal", "hedge": says it does not know, "right vs wrong"), or "style"
+    when none does and only how well the same kind of reply is written separates them (two wrong answers, two
+    refusals); None without a gold preference or outside the world.
+
+    The decisions are what PPO exploits (a stock refusal, a stock "I don't know"), so a reward model has to get them
+    right; style pairs are close calls even for the annotators."""
+    from rlhf.world import judge, parse_prompt
+
+    gc, gr = ex.extra.get("gold_chosen"), ex.extra.get("gold_rejected")
+    user = [m["content"] for m in ex.prompt if m["role"] == "user"]
+    task = parse_prompt(user[-1]) if user else None
+    if task is None or gc is None or gr is None or gc == gr:
+        return None
+    a, b = judge(task, ex.chosen), judge(task, ex.rejected)
+    return next((name for field, name in DECISIONS if bool(getattr(a, field)) != bool(getattr(b, field))), "style")
+
+
 def _grouped(pairs: Sequence[PreferenceExample], right: torch.Tensor, gold: list, key) -> dict:
     """Accuracy and gold accuracy per group (family, annotator)."""
     groups: dict[str, list[int]] = defaultdict(list)
@@ -174,6 +199,7 @@ def evaluate_reward_model(rm: RewardModel, pairs: Sequence[PreferenceExample], *
         "per_annotator": _grouped(pairs, right, gold, lambda ex: ex.annotator),
         "by_gold_gap": _grouped(pairs, right, gold, gold_gap_bin),
         "by_split": _grouped(pairs, right, gold, world_split),
+        "by_decision": _grouped(pairs, right, gold, gold_decision),
         "ece": expected_calibration_error(torch.sigmoid(rc - rr)),
         "length_correlation": pearson(all_rewards.tolist(), lengths),
         "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),

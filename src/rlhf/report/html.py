@@ -816,7 +816,8 @@ def _reward_model(run: Run) -> Html:
     parts = [_rm_overview(rm), Html("<h3>Per family</h3>"),
              _rm_groups(rm, "per_family", "family") or _missing("No per-family RM accuracy.")]
     for key, name, heading in (("by_gold_gap", "gold-score gap", "By how far apart the gold judge puts the two responses"),
-                               ("by_split", "prompt", "By what the prompt holds out of training")):
+                               ("by_split", "prompt", "By what the prompt holds out of training"),
+                               ("by_decision", "the pair turns on", "By what the gold judge's preference turns on")):
         table = _rm_groups(rm, key, name)
         if table is not None:
             parts += [Html(f"<h3>{heading}</h3>"), table]
@@ -824,7 +825,7 @@ def _reward_model(run: Run) -> Html:
 
 
 def _rm_groups(rm: dict, key: str, name: str) -> Html | None:
-    """The table of an eval-rm grouping (per_family, by_gold_gap, by_split); None when the evaluation has none."""
+    """The table of an eval-rm grouping (per_family, by_gold_gap, by_split, by_decision); None when the evaluation has none."""
     per = rm.get(key) if isinstance(rm.get(key), dict) else {}
     rows = [[str(g), _fmt(v.get("n")), _fmt(_num(v.get("accuracy"))), _fmt(v.get("gold_pairs")),
              _fmt(_num(v.get("gold_accuracy")))] for g, v in per.items() if isinstance(v, dict)]
