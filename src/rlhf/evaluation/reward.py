@@ -115,14 +115,20 @@ def gold_gap_bin(ex: PreferenceExample) -> str | None:
     return f">={GAP_EDGES[lo]}" if lo == len(GAP_EDGES) - 1 else f"{GAP_EDGES[lo]}-{GAP_EDGES[lo + 1]}"
 
 
+def _world_task(ex: PreferenceExample):
+    """The assistant-world task of the pair's last user turn, or None."""
+    from rlhf.world import parse_prompt
+
+    user = [m["content"] for m in ex.prompt if m["role"] == "user"]
+    return parse_prompt(user[-1]) if user else None
+
+
 def world_split(ex: PreferenceExample) -> str | None:
     """"held-out phrasing", "held-out entity", "deploy" or "train" for a prompt of the assistant world; None for
     others."""
-    from rlhf.world import parse_prompt
     from rlhf.world.tasks import kind_of
 
-    user = [m["content"] for m in ex.prompt if m["role"] == "user"]
-    task = parse_prompt(user[-1]) if user else None
+    task = _world_task(ex)
     if task is None:
         return None
     if kind_of(task).phrasings[task.get("phrasing")].heldout:
@@ -136,18 +142,17 @@ DECISIONS = (("complied", "compliance"), ("refused", "refusal"), ("hedged", "hed
 
 def gold_decision(ex: PreferenceExample) -> str | None:
     """What the gold judge's preference of an assistant-world pair turns on: the first of its verdicts that differ
-    between the two replies ("compliance" with a harmful request, "refusal", "hedge": says it does not know, "right vs wrong"), or "style"
-    when none does and only how well the same kind of reply is written separates them (two wrong answers, two
-    refusals); None without a gold preference or outside the world.
+    between the two replies ("compliance" with a harmful request, "refusal", "hedge": says it does not know,
+    "right vs wrong"), or "style" when none does and only how well the same kind of reply is written separates
+    them (two wrong answers, two refusals); None without a gold preference or outside the world.
 
     The decisions are what PPO exploits (a stock refusal, a stock "I don't know"), so a reward model has to get them
     right; style pairs are close calls even for the annotators."""
-    from rlhf.world import judge, parse_prompt
+    from rlhf.world import judge
 
     gc, gr = ex.extra.get("gold_chosen"), ex.extra.get("gold_rejected")
-    user = [m["content"] for m in ex.prompt if m["role"] == "user"]
-    task = parse_prompt(user[-1]) if user else None
-    if task is None or gc is None or gr is None or gc == gr:
+    task = None if gc is None or gr is None or gc == gr else _world_task(ex)
+    if task is None:
         return None
     a, b = judge(task, ex.chosen), judge(task, ex.rejected)
     return next((name for field, name in DECISIONS if bool(getattr(a, field)) != bool(getattr(b, field))), "style")

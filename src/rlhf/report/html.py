@@ -825,7 +825,8 @@ def _reward_model(run: Run) -> Html:
 
 
 def _rm_groups(rm: dict, key: str, name: str) -> Html | None:
-    """The table of an eval-rm grouping (per_family, by_gold_gap, by_split, by_decision); None when the evaluation has none."""
+    """The table of an eval-rm grouping (per_family, by_gold_gap, by_split, by_decision); None when the evaluation
+    has none."""
     per = rm.get(key) if isinstance(rm.get(key), dict) else {}
     rows = [[str(g), _fmt(v.get("n")), _fmt(_num(v.get("accuracy"))), _fmt(v.get("gold_pairs")),
              _fmt(_num(v.get("gold_accuracy")))] for g, v in per.items() if isinstance(v, dict)]
