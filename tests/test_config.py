@@ -54,6 +54,18 @@ def test_yaml_1e_notation_is_a_float():
     assert from_dict(TrainConfig, {"lr": "1e-3"}).lr == pytest.approx(1e-3)
 
 
+def test_yaml_no_is_the_literal_choice_spelled_no(tmp_path):
+    # YAML 1.1 reads `no` as False, in a file and in a flag alike; a choice spelled "no" is what was meant.
+    path = tmp_path / "run.yaml"
+    path.write_text("sft:\n  train:\n    mixed_precision: no\n")
+    ns = build_parser().parse_args(["sft", "--config", str(path)])
+    assert build_config(SFTConfig, ns, section="sft", whole=RunConfig).train.mixed_precision == "no"
+    ns = build_parser().parse_args(["sft", "--train.mixed_precision", "no"])
+    assert build_config(SFTConfig, ns, section="sft", whole=RunConfig).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"schedule: must be 'cosine'"):  # no choice spelled that way
+        from_dict(TrainConfig, {"schedule": False})
+
+
 def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("sft:\n  train:\n    lr: 1.0e-3\n    batch_size: 4\n")

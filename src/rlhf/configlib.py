@@ -80,6 +80,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_YAML_BOOLS = {True: ("yes", "y", "on", "true"), False: ("no", "n", "off", "false")}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and where lossless, convert) one value against its annotation."""
     if value is None:
@@ -94,7 +97,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return from_dict(tp, value, prefix=f"{key}.")
     if origin is Literal:
-        if value not in get_args(tp):
+        choices = get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 (PyYAML, and so every flag) reads `no`, `off`, `yes`, `on` as booleans: `mixed_precision: no`
+            # means the choice spelled that way.
+            spelled = [c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOLS[value]]
+            value = spelled[0] if len(spelled) == 1 else value
+        if value not in choices:
             raise bad
         return value
     if origin in (list, tuple):
