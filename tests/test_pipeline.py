@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.cli import main
 from rlhf.config import EvalConfig
-from rlhf.evaluation.policy import mean_interval, rate_intervals, run_eval, wilson_interval, win_rate
+from rlhf.evaluation.policy import (mean_interval, paired_comparison, rate_intervals, run_eval, verdict, wilson_interval,
+                                    win_rate)
 
 TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
 EVAL_KEYS = {"gold_score", "families", "harmful_compliance", "over_refusal", "honesty", "accuracy", "mean_length", "eos_rate"}
@@ -38,6 +39,13 @@ def test_pipeline_writes_every_stage(tiny_run):
     assert ppo["win_rate_vs_sft"] == summary["stages"]["ppo"]["win_rate"] and ppo["kl_target"] == 6.0
     low, high = ppo["win_rate_vs_sft_ci95"]
     assert low <= ppo["win_rate_vs_sft"] <= high and ppo["win_rate_vs_sft_ci95"] == summary["stages"]["ppo"]["intervals"]["win_rate"]
+    vs_sft = ppo["vs_sft"]  # the paired comparison on the same held-out prompts, counted from the samples files
+    samples = [json.loads(line) for line in (tiny_run / "eval" / "ppo.samples.jsonl").read_text().splitlines()]
+    pairs = [(s["gold"], s["against_gold"]) for s in samples if s["gold"] is not None]
+    assert [vs_sft["wins"], vs_sft["ties"], vs_sft["losses"]] == [sum(a > b for a, b in pairs), sum(a == b for a, b in pairs),
+                                                                  sum(a < b for a, b in pairs)]
+    assert vs_sft["gold_diff"] == pytest.approx(sum(a - b for a, b in pairs) / len(pairs))
+    assert vs_sft["verdict"] == verdict(vs_sft["gold_diff_ci95"], vs_sft["win_rate_untied_ci95"])
     # A sampled k1 estimate: it can come out slightly negative for a policy that barely moved, but never 0.
     assert ppo["kl"] == json.loads((tiny_run / "eval" / "kl.json").read_text())["kl"] and ppo["kl"] != 0
     assert {"accuracy", "gold_accuracy", "per_family", "ece", "length_correlation", "annotators"} <= set(summary["rm"])
@@ -186,6 +194,9 @@ def test_eval_against_itself_is_a_tie(tiny_run, tmp_path):
     assert result["win_rate"] == 0.5  # greedy decoding: identical answers, every prompt a tie
     assert result["against"]["gold_score"] == result["gold_score"]
     assert result["intervals"]["win_rate"] == [0.5, 0.5]  # all ties: no spread
+    c = result["comparison"]
+    assert (c["wins"], c["losses"], c["ties"], c["gold_diff"], c["win_rate_untied"]) == (0, 0, result["judged_prompts"], 0.0, None)
+    assert c["verdict"] == "no measurable difference"
     rates = result["intervals"]
     assert {"harmful_compliance", "over_refusal", "honesty", "accuracy"} <= set(rates)
     assert all(rates[k][0] <= result[k] <= rates[k][1] for k in ("harmful_compliance", "over_refusal", "honesty", "accuracy"))
@@ -234,6 +245,30 @@ def test_win_rate_counts_ties_half():
             self.total = total
 
     assert win_rate([J(1.0), J(0.5), J(0.2)], [J(0.5), J(0.5), J(0.9)]) == pytest.approx(0.5)
+
+
+def test_paired_comparison_by_hand():
+    class J:
+        def __init__(self, total):
+            self.total = total
+
+    # Differences 0.5, 0, -0.4, 0.1: mean 0.05, sample sd 0.369685, half-width 1.96 · sd / 2 = 0.362284.
+    c = paired_comparison([J(1.0), J(0.5), J(0.2), J(0.6)], [J(0.5), J(0.5), J(0.6), J(0.5)])
+    assert (c["wins"], c["ties"], c["losses"]) == (2, 1, 1)
+    assert c["win_rate_untied"] == pytest.approx(2 / 3) and c["gold_diff"] == pytest.approx(0.05)
+    assert c["gold_diff_ci95"] == pytest.approx([0.05 - 0.362284, 0.05 + 0.362284], abs=1e-5)
+    assert c["verdict"] == "no measurable difference"
+    # The same small gain on every prompt is measurable, and so is the same loss, whatever the ties do to win rates.
+    gain = paired_comparison([J(0.62), J(0.81), J(0.5), J(0.5)], [J(0.6), J(0.8), J(0.5), J(0.5)])
+    assert gain["verdict"] == "no measurable difference"  # two ties of four: the interval still spans 0
+    assert paired_comparison([J(0.6 + 0.01 * (i % 3 + 1)) for i in range(30)], [J(0.6)] * 30)["verdict"] == "better"
+    assert paired_comparison([J(0.6)] * 30, [J(0.6 + 0.01 * (i % 3 + 1)) for i in range(30)])["verdict"] == "worse"
+    # Twenty small wins and five large losses: the mean gold falls, most untied prompts are won.
+    mixed = paired_comparison([J(0.61)] * 20 + [J(0.1)] * 5, [J(0.6)] * 25)
+    assert mixed["gold_diff_ci95"][1] < 0 < 0.5 < mixed["win_rate_untied_ci95"][0] and mixed["verdict"] == "mixed"
+    assert verdict(None) == "not measured" and verdict([-0.1, 0.0]) == "no measurable difference"
+    assert verdict([0.01, 0.03], [0.45, 0.6]) == "no measurable difference"  # a gain needs both intervals above
+    assert verdict([-0.03, 0.01], [0.2, 0.4]) == "worse"  # a regression shows in either
 
 
 def test_intervals_by_hand():
@@ -294,13 +329,16 @@ def test_iterate_adds_a_round_from_the_last_policy(tiny_run, capsys):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["rounds"][0]["gold_score"] == first["stages"]["ppo"]["gold_score"]
+    assert summary["rounds"][0]["verdict"] == first["ppo"]["vs_sft"]["verdict"]  # each round's policy against SFT
+    assert summary["rounds"][1]["gold_diff"] == json.loads((here / "eval" / "ppo.json").read_text())["comparison"]["gold_diff"]
     before = json.loads((here / "eval" / "rm_before.json").read_text())
     assert before["model"] == str(tiny_run / "rm") and summary["rounds"][1]["rm_gold_accuracy_before"] == before["gold_accuracy"]
     assert summary["stages"]["ppo"] == json.loads((here / "eval" / "ppo.json").read_text())  # the headline: the last round
     assert summary["ppo"]["kl"] == json.loads((here / "eval" / "kl.json").read_text())["kl"]
     assert summary["redteam"]["model"] == str(here / "ppo") and (here / "redteam" / "redteam.json").is_file()
     assert json.loads((tiny_run / "config.json").read_text())["rounds"] == 2
-    assert "rounds (held-out prompts" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rounds (held-out prompts" in printed and f"round 2 against SFT: {summary['rounds'][1]['verdict']} (gold" in printed
     page = (tiny_run / "report.html").read_text()
     assert '<section id="rounds">' in page and str(here / "ppo") in page  # the red team's model: the last round's
     rounds = page[page.index('<section id="rounds">'):]

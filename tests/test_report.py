@@ -153,6 +153,19 @@ def test_headline_and_samples(run_dir: Path) -> None:
     assert "By what the prompt holds out" not in page  # no by_split in this evaluation: no empty table
 
 
+def test_headline_says_whether_ppo_got_better(run_dir: Path) -> None:
+    headline = _section(build_report(run_dir).read_text(encoding="utf-8"), "headline")
+    assert "PPO vs SFT" not in headline  # an older summary without the paired comparison: no card
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["ppo"]["vs_sft"] = {"wins": 42, "ties": 205, "losses": 53, "gold_diff": -0.013, "gold_diff_ci95": [-0.026, -0.001],
+                                "verdict": "worse"}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    headline = _section(build_report(run_dir).read_text(encoding="utf-8"), "headline")
+    card = re.search(r'<div class="label">PPO vs SFT</div><div class="value">(.*?)</div><div class="note">(.*?)</div>', headline)
+    assert card and card.group(1) == "worse"
+    assert card.group(2) == "gold -0.013 per prompt, 95% CI -0.026–-0.001; 42 wins, 53 losses, 205 ties"
+
+
 def test_rates_show_their_intervals(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["stages"]["ppo"]["intervals"] = {"harmful_compliance": [0.12, 0.52], "honesty": ["<b>", None]}

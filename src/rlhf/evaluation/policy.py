@@ -99,7 +99,7 @@ def score(tasks: Sequence, gens: Sequence[Generation]) -> tuple[dict, list]:
 
 
 # Which judge produced each figure of an eval result (the "judges" key of the output).
-GOLD_FIGURES = ("gold_score", "families", "axes", "accuracy_by_family", "win_rate",
+GOLD_FIGURES = ("gold_score", "families", "axes", "accuracy_by_family", "win_rate", "comparison",
                 *(name for name, _, _ in RATES))
 JUDGES = {"rm_reward": "reward_model", "rm_win_rate": "reward_model", "mean_length": "counted", "eos_rate": "counted",
           "diversity": "embeddings", "constitution": "constitution", "perplexity": "policy likelihood",
@@ -132,15 +132,22 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> list[float] | N
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def mean_interval(values: Sequence[float], z: float = Z95) -> list[float] | None:
-    """Normal-approximation interval [low, high] of a mean of per-prompt values, clipped to [0, 1]
-    (the win rate's outcomes are 1, 0.5 and 0); None with fewer than two values."""
+def normal_interval(values: Sequence[float], z: float = Z95) -> list[float] | None:
+    """Normal-approximation interval [low, high] of the mean of per-prompt values (sample sd / sqrt(n));
+    None with fewer than two values."""
     n = len(values)
     if n < 2:
         return None
     mean = sum(values) / n
     sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return [max(0.0, mean - z * sd / n**0.5), min(1.0, mean + z * sd / n**0.5)]
+    return [mean - z * sd / n**0.5, mean + z * sd / n**0.5]
+
+
+def mean_interval(values: Sequence[float], z: float = Z95) -> list[float] | None:
+    """``normal_interval`` clipped to [0, 1], for means of values in [0, 1] (the win rate's outcomes are 1, 0.5
+    and 0); None with fewer than two values."""
+    ci = normal_interval(values, z)
+    return None if ci is None else [max(0.0, ci[0]), min(1.0, ci[1])]
 
 
 def rate_intervals(judgements: Sequence) -> dict[str, list[float]]:
@@ -161,6 +168,35 @@ def win_outcomes(ours: Sequence, theirs: Sequence) -> list[float]:
 def win_rate(ours: Sequence, theirs: Sequence) -> float:
     """Share of prompts where our gold total beats theirs; ties count half."""
     return sum(win_outcomes(ours, theirs)) / max(len(ours), 1)
+
+
+def verdict(gold_diff_ci95: list[float] | None, untied_ci95: list[float] | None = None) -> str:
+    """Did the model get better than the one it is compared with, by two 95% intervals: of the mean paired gold
+    difference (against 0) and of the win rate among untied prompts (against 0.5). ``better`` needs both above;
+    ``worse``: one below and neither above; ``mixed``: one above and one below (small wins, large losses, or
+    the reverse); else ``no measurable difference``. A claimed gain must survive both; a regression shows in
+    either."""
+    if gold_diff_ci95 is None:
+        return "not measured"
+    up = [gold_diff_ci95[0] > 0, untied_ci95 is not None and untied_ci95[0] > 0.5]
+    down = [gold_diff_ci95[1] < 0, untied_ci95 is not None and untied_ci95[1] < 0.5]
+    if any(up) and any(down):
+        return "mixed"
+    return "better" if all(up) else "worse" if any(down) else "no measurable difference"
+
+
+def paired_comparison(ours: Sequence, theirs: Sequence) -> dict:
+    """Our gold judgements against theirs on the same prompts: wins, ties and losses of the gold totals, the win
+    rate among the non-tied prompts, and the mean paired gold difference (ours - theirs), each with its 95%
+    interval, and the verdict of the two. The paired difference is what the prompts' own difficulty cancels out
+    of; a win rate with ties half sits near 0.5 when most prompts tie, whichever way the rest go."""
+    outcomes = win_outcomes(ours, theirs)
+    untied = [o for o in outcomes if o != 0.5]
+    diffs = [a.total - b.total for a, b in zip(ours, theirs)]
+    ci, untied_ci = normal_interval(diffs), mean_interval(untied)
+    return {"wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
+            "win_rate_untied": sum(untied) / len(untied) if untied else None, "win_rate_untied_ci95": untied_ci,
+            "gold_diff": sum(diffs) / len(diffs) if diffs else None, "gold_diff_ci95": ci, "verdict": verdict(ci, untied_ci)}
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -209,7 +245,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 def compare_against(cfg: EvalConfig, prompts, tasks, rm, result: dict, samples: list[dict], judged: list,
                     rewards: list[float] | None) -> None:
     """Add the `against` model's figures and the win rates of cfg.model over it: by the gold judge on the world
-    prompts (``win_rate``), and by the reward model on every prompt (``rm_win_rate``). Ties count half."""
+    prompts (``win_rate``, ties half, and ``comparison``: wins, ties, losses, the untied win rate, the paired gold
+    difference and its verdict), and by the reward model on every prompt (``rm_win_rate``)."""
     other_gens, other_capability = run_policy(cfg.against, prompts, cfg, "eval ref")
     other_metrics, other_judged = score(tasks, other_gens)
     ours = [j for j in judged if j is not None]
@@ -217,6 +254,7 @@ def compare_against(cfg: EvalConfig, prompts, tasks, rm, result: dict, samples: 
     if ours:
         result["win_rate"] = win_rate(ours, theirs)
         result["intervals"]["win_rate"] = mean_interval(win_outcomes(ours, theirs))
+        result["comparison"] = paired_comparison(ours, theirs)
     other_figures, other_rewards = response_metrics(prompts, other_gens, cfg, rm)
     outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards or [], other_rewards or [])
                 if a is not None and b is not None]

@@ -467,7 +467,7 @@ def _headline(run: Run) -> Html:
         target = ppo.get("kl_target")
         ci = ppo.get("win_rate_vs_sft_ci95")
         note = "gold judge, ties count half" + (f"; 95% CI {_fmt(ci[0])}–{_fmt(ci[1])}" if isinstance(ci, list) and len(ci) == 2 else "")
-        cards = [("PPO win rate vs SFT", ppo.get("win_rate_vs_sft"), note),
+        cards = _verdict_card(ppo.get("vs_sft")) + [("PPO win rate vs SFT", ppo.get("win_rate_vs_sft"), note),
                  ("KL to reference", ppo.get("kl"), "nats per sequence"),
                  ("KL target", target, "of the adaptive β controller" if target is not None else "none: fixed β")]
         top = Html("")
@@ -479,6 +479,18 @@ def _headline(run: Run) -> Html:
         "No policy evaluations: summary.json has no stages and eval/*.json are absent", "summary.json", run)
     table = _titled("Held-out evaluation (gold judge)", table)
     return _section("headline", "Headline", top, Html('<div class="row">') + table + _times(run) + Html("</div>"))
+
+
+def _verdict_card(c: Any) -> list[tuple[str, Any, str]]:
+    """Did PPO get better than SFT: the paired comparison's verdict on the held-out prompts, with what it rests on."""
+    if not isinstance(c, dict) or c.get("verdict") is None:
+        return []
+    diff, ci = _num(c.get("gold_diff")), c.get("gold_diff_ci95")
+    note = f"gold {diff:+.3f} per prompt" if diff is not None else "gold difference"
+    if isinstance(ci, list) and len(ci) == 2:
+        note += f", 95% CI {_fmt(_num(ci[0]))}–{_fmt(_num(ci[1]))}"
+    note += f"; {_fmt(c.get('wins'))} wins, {_fmt(c.get('losses'))} losses, {_fmt(c.get('ties'))} ties"
+    return [("PPO vs SFT", c["verdict"], note)]
 
 
 def _redteam_cards(run: Run) -> list[tuple[str, Any, str]]:
@@ -659,7 +671,8 @@ def _bon_png(curves: dict, metrics: list[dict]) -> Html:
     return _png(draw, "best-of-n and PPO gold score against sqrt KL", size=(8.5, 3.4))
 
 
-ROUND_COLUMNS = (("gold_score", "gold score ↑"), ("win_rate", "win rate over SFT ↑"), ("harmful_compliance", "harmful compliance ↓"),
+ROUND_COLUMNS = (("gold_score", "gold score ↑"), ("win_rate", "win rate over SFT ↑"), ("win_rate_untied", "untied win rate ↑"),
+                 ("harmful_compliance", "harmful compliance ↓"),
                  ("over_refusal", "over-refusal ↓"), ("over_hedging", "over-hedging ↓"), ("kl_to_sft", "KL to SFT"),
                  ("rm_gold_accuracy_before", "RM gold accuracy, before"), ("rm_gold_accuracy", "RM gold accuracy"))
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from pathlib import Path
 
 from rich.console import Console
@@ -26,7 +25,7 @@ from rich.table import Table
 from rlhf.config import BoNConfig, RunConfig
 from rlhf.data.io import read_jsonl
 from rlhf.evaluation.best_of_n import best_of_n_kl, run_bon
-from rlhf.evaluation.policy import Z95, mean_interval, rate_intervals
+from rlhf.evaluation.policy import mean_interval, normal_interval, rate_intervals
 from rlhf.fsutil import stage_done, write_json_atomic
 from rlhf.report.html import build_report
 from rlhf.stages.dpo import run_dpo
@@ -94,18 +93,10 @@ def pooled_row(samples: list[list[dict]], sft: list[dict], kls: list[list[float]
            **{name: figures.get(name) for name, _, _ in RATES},
            "kl": sum(pooled_kl) / len(pooled_kl) if pooled_kl else None, "seconds": sum(seconds) / len(seconds),
            "wins_ties_losses": [outcomes.count(1.0), outcomes.count(0.5), outcomes.count(0.0)]}
-    ci = {"gold_score": _normal_interval(totals), "win_rate": mean_interval(outcomes),
+    ci = {"gold_score": normal_interval(totals), "win_rate": mean_interval(outcomes),
           "win_rate_untied": mean_interval(untied) if untied else None, **intervals,
-          "kl": _normal_interval(pooled_kl) if pooled_kl else None, "seconds": _normal_interval(seconds)}
+          "kl": normal_interval(pooled_kl) if pooled_kl else None, "seconds": normal_interval(seconds)}
     return {**row, "ci95": ci}
-
-
-def _normal_interval(values: list[float]) -> list[float] | None:
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return [mean - Z95 * sd / math.sqrt(len(values)), mean + Z95 * sd / math.sqrt(len(values))]
 
 
 def compare_algorithms(cfg: RunConfig, seeds: list[int]) -> dict:

@@ -157,6 +157,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     results["ppo"] = json.loads((last / "ppo.json").read_text())
     ppo = {"win_rate_vs_sft": results["ppo"]["win_rate"],
            "win_rate_vs_sft_ci95": results["ppo"].get("intervals", {}).get("win_rate"),
+           "vs_sft": results["ppo"].get("comparison"),
            "kl": json.loads((last / "kl.json").read_text())["kl"],
            "kl_target": cfg.ppo.kl.target if cfg.ppo.kl.adaptive else None}
     summary = {"stages": results, "rm": json.loads(Path(rm_eval.out).read_text()), "ppo": ppo,
@@ -207,6 +208,16 @@ def _ci(interval) -> str:
     return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
 
+def comparison_line(name: str, other: str, c: dict) -> str:
+    """``PPO against SFT: worse (gold -0.013 [-0.028, 0.001] per prompt; 18 wins, 49 losses, 233 ties, 0.269
+    [0.162, 0.376] of the untied)``: the verdict first, then what it rests on."""
+    diff = c.get("gold_diff")
+    sign = "+" if diff is not None and diff >= 0 else ""
+    return (f"{name} against {other}: {c.get('verdict')} (gold {sign}{_fmt(diff)}{_ci(c.get('gold_diff_ci95'))} per prompt; "
+            f"{c.get('wins')} wins, {c.get('losses')} losses, {c.get('ties')} ties, {_fmt(c.get('win_rate_untied'))}"
+            f"{_ci(c.get('win_rate_untied_ci95'))} of the untied)")
+
+
 def print_summary(summary: dict) -> None:
     results = summary["stages"]
     table = Table(title="held-out evaluation (gold judge)")
@@ -223,6 +234,8 @@ def print_summary(summary: dict) -> None:
         target = f" (target {_fmt(ppo['kl_target'])})" if ppo.get("kl_target") is not None else ""
         Console().print(f"PPO: gold win rate over SFT {_fmt(ppo['win_rate_vs_sft'])}{_ci(ppo.get('win_rate_vs_sft_ci95'))}, "
                         f"KL to the SFT policy {_fmt(ppo['kl'])} nats per response{target}")
+        if ppo.get("vs_sft"):
+            Console().print(comparison_line("PPO", "SFT", ppo["vs_sft"]))
         rates = results.get("ppo", {}).get("intervals", {})
         if rates:
             Console().print("PPO rates with 95% intervals: " + ", ".join(
@@ -251,5 +264,8 @@ def print_rounds(rounds: list[dict]) -> None:
     console.print(table)
     console.print("RM old, RM new: gold accuracy of the previous and of the new reward model on the round's held-out pairs")
     for r in rounds:
+        if r.get("verdict"):
+            console.print(f"round {r['round']} against SFT: {r['verdict']} (gold {r['gold_diff']:+.3f}{_ci(r.get('gold_diff_ci95'))} "
+                          f"per prompt, untied win rate {_fmt(r.get('win_rate_untied'))})")
         if r.get("alerts"):
             console.print(f"round {r['round']}: reward-hacking detectors fired: {', '.join(r['alerts'])}")

@@ -170,6 +170,8 @@ def round_figures(cfg: RunConfig, k: int) -> dict:
     here = eval_folder(cfg, k)
     ev, kl, rm = (json.loads((here / f"{name}.json").read_text()) for name in ("ppo", "kl", "rm"))
     before = json.loads((here / "rm_before.json").read_text()) if k > 1 else {}
+    vs_sft = ev.get("comparison") or {}
     return {"round": k, **{key: ev.get(key) for key in ROUND_KEYS}, "win_rate_ci95": ev.get("intervals", {}).get("win_rate"),
+            **{key: vs_sft.get(key) for key in ("win_rate_untied", "gold_diff", "gold_diff_ci95", "verdict")},
             "kl_to_sft": kl["kl"], "rm_gold_accuracy": rm.get("gold_accuracy"),
             "rm_gold_accuracy_before": before.get("gold_accuracy"), "alerts": fired_detectors(policy_of(cfg, k))}
