@@ -95,7 +95,8 @@ def test_seeds_experiment_reruns_ppo_and_reports_the_spread(tiny_run):
     own, other = result["seeds"]["0"], result["seeds"]["5"]
     assert own["gold_score"] == json.loads((tiny_run / "eval" / "ppo.json").read_text())["gold_score"]
     assert other["win_rate"] == json.loads((tiny_run / "seeds" / "seed_5" / "eval.json").read_text())["win_rate"]
-    for k in ("gold_score", "kl", "asr"):
+    assert other["verdict"] == json.loads((tiny_run / "seeds" / "seed_5" / "eval.json").read_text())["comparison"]["verdict"]
+    for k in ("gold_score", "gold_diff", "kl", "asr"):
         assert result["mean"][k] == pytest.approx((own[k] + other[k]) / 2)
         assert result["sd"][k] == pytest.approx(abs(own[k] - other[k]) / 2**0.5)
     # another seed trained another policy
@@ -415,3 +416,5 @@ def test_iterated_experiment_compares_rounds_with_one_round_of_as_many_labels(ti
     assert result["iterated"] == json.loads((tiny_run / "summary.json").read_text())["rounds"][-1]
     assert result["labels"]["one_round"] == len(lines("iterated/prefs/all.jsonl")) > len(lines("prefs/train.jsonl"))
     assert 0 <= result["one_round"]["gold_score"] <= 1 and "3 rounds against one round" in capsys.readouterr().out
+    one_eval = json.loads((here / "eval.json").read_text())
+    assert result["one_round"]["verdict"] == one_eval["comparison"]["verdict"] and one_eval["against"]["model"] == str(tiny_run / "sft")

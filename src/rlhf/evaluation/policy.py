@@ -199,6 +199,15 @@ def paired_comparison(ours: Sequence, theirs: Sequence) -> dict:
             "gold_diff": sum(diffs) / len(diffs) if diffs else None, "gold_diff_ci95": ci, "verdict": verdict(ci, untied_ci)}
 
 
+COMPARISON_FIGURES = ("win_rate_untied", "gold_diff", "gold_diff_ci95", "verdict")
+
+
+def comparison_figures(ev: dict) -> dict:
+    """The paired comparison's headline of an eval result made with --against (None for each without one)."""
+    c = ev.get("comparison") or {}
+    return {key: c.get(key) for key in COMPARISON_FIGURES}
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate cfg.model (and cfg.against); write cfg.out (JSON) and a samples file beside it."""
     require(cfg, "model", "out", stage="eval")

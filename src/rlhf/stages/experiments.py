@@ -36,7 +36,7 @@ from rlhf.configlib import ConfigError
 from rlhf.data.io import read_jsonl, write_jsonl_atomic
 from rlhf.evaluation.alignment_tax import alignment_tax, pct_change
 from rlhf.evaluation.hacking import fired_detectors
-from rlhf.evaluation.policy import run_eval
+from rlhf.evaluation.policy import comparison_figures, run_eval
 from rlhf.fsutil import stage_done, write_json_atomic
 from rlhf.report.metrics import read_metrics
 from rlhf.stages.pipeline import run_pipeline, stage_configs, write_policy_kl
@@ -158,13 +158,18 @@ def eval_against_sft(cfg: RunConfig, model: str, out: Path) -> tuple[dict, dict]
     return result, json.loads(kl_path.read_text())
 
 
-SEED_METRICS = ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "honesty", "over_hedging", "accuracy",
-                "kl", "asr")
+SEED_METRICS = ("gold_score", "win_rate", "win_rate_untied", "gold_diff", "harmful_compliance", "over_refusal", "honesty",
+                "over_hedging", "accuracy", "kl", "asr")
+
+
+def _vs_sft(ev: dict) -> dict:
+    """One PPO policy's held-out figures against SFT: SEED_METRICS but KL and the red team, with the comparison."""
+    return {**{k: ev.get(k) for k in SEED_METRICS if k not in ("kl", "asr")}, **comparison_figures(ev)}
 
 
 def _seed_figures(ev: dict, kl: dict, red: dict) -> dict:
     """The headline figures of one PPO policy: its eval against SFT, its KL to the reference, its red team."""
-    return {**{k: ev.get(k) for k in SEED_METRICS if k not in ("kl", "asr")}, "kl": kl["kl"], "asr": red["asr"]}
+    return {**_vs_sft(ev), "kl": kl["kl"], "asr": red["asr"]}
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -204,6 +209,7 @@ def ppo_seeds(cfg: RunConfig, seeds: list[int]) -> dict:
     for k, (m, sd) in spread.items():
         table.add_row(k, *("-" if f[k] is None else f"{f[k]:.3f}" for f in figures.values()), f"{m:.3f} ± {sd:.3f}")
     Console().print(table)
+    Console().print("against SFT: " + ", ".join(f"seed {s} {f['verdict']}" for s, f in figures.items()))
     return result
 
 
@@ -241,8 +247,8 @@ def iterated(cfg: RunConfig) -> dict:
     if stage_done(ppo.out) is None:
         run_ppo(ppo)
     ev, kl = eval_against_sft(cfg, ppo.out, root)
-    one = {**{k: ev.get(k) for k in SEED_METRICS if k not in ("kl", "asr")}, "kl_to_sft": kl["kl"],
-           "win_rate_ci95": ev.get("intervals", {}).get("win_rate"), "alerts": fired_detectors(ppo.out)}
+    one = {**_vs_sft(ev), "kl_to_sft": kl["kl"], "win_rate_ci95": ev.get("intervals", {}).get("win_rate"),
+           "alerts": fired_detectors(ppo.out)}
     rounds = round_figures(cfg, cfg.rounds)
     result = {"rounds": cfg.rounds, "labels": {"rounds": sum(len(read_jsonl(train_pairs_of(cfg, k))) for k in range(1, cfg.rounds + 1)),
                                                "one_round": len(read_jsonl(rm.data.path))},
@@ -252,7 +258,8 @@ def iterated(cfg: RunConfig) -> dict:
                         f"{result['labels']['one_round']}) and PPO iterations ({ppo.iterations}); held-out prompts")
     for col in ("metric", f"{cfg.rounds} rounds", "1 round"):
         table.add_column(col, justify="right")
-    for key in ("gold_score", "win_rate", "harmful_compliance", "over_refusal", "over_hedging", "honesty", "accuracy", "kl_to_sft"):
-        table.add_row(key, *(f"{v:.3f}" if isinstance(v, (int, float)) else "-" for v in (rounds.get(key), one.get(key))))
+    for key in ("gold_score", "win_rate", "win_rate_untied", "gold_diff", "harmful_compliance", "over_refusal", "over_hedging",
+                "honesty", "accuracy", "kl_to_sft", "verdict"):
+        table.add_row(key, *(f"{v:.3f}" if isinstance(v, (int, float)) else v or "-" for v in (rounds.get(key), one.get(key))))
     Console().print(table)
     return result

@@ -30,7 +30,7 @@ from rlhf import distributed
 from rlhf.config import CollectConfig, EvalConfig, EvalRMConfig, PPOConfig, RewardConfig, RunConfig
 from rlhf.configlib import ConfigError
 from rlhf.evaluation.hacking import fired_detectors
-from rlhf.evaluation.policy import eval_prompts, kl_to_reference, run_eval
+from rlhf.evaluation.policy import comparison_figures, eval_prompts, kl_to_reference, run_eval
 from rlhf.evaluation.reward import run_eval_rm
 from rlhf.fsutil import stage_done, write_json_atomic
 from rlhf.stages.collect import evaluation_pairs, run_collect
@@ -170,8 +170,7 @@ def round_figures(cfg: RunConfig, k: int) -> dict:
     here = eval_folder(cfg, k)
     ev, kl, rm = (json.loads((here / f"{name}.json").read_text()) for name in ("ppo", "kl", "rm"))
     before = json.loads((here / "rm_before.json").read_text()) if k > 1 else {}
-    vs_sft = ev.get("comparison") or {}
     return {"round": k, **{key: ev.get(key) for key in ROUND_KEYS}, "win_rate_ci95": ev.get("intervals", {}).get("win_rate"),
-            **{key: vs_sft.get(key) for key in ("win_rate_untied", "gold_diff", "gold_diff_ci95", "verdict")},
+            **comparison_figures(ev),
             "kl_to_sft": kl["kl"], "rm_gold_accuracy": rm.get("gold_accuracy"),
             "rm_gold_accuracy_before": before.get("gold_accuracy"), "alerts": fired_detectors(policy_of(cfg, k))}
