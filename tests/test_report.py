@@ -151,6 +151,7 @@ def test_headline_and_samples(run_dir: Path) -> None:
     assert "flagged" in _section(page, "rm") and "random_clicker" in _section(page, "rm")
     assert _row(_section(page, "rm"), "0.0-0.1") == ["0.0-0.1", "20", "0.500", "20", "0.270"]  # by gold gap
     assert "By what the prompt holds out" not in page  # no by_split in this evaluation: no empty table
+    assert "prompt dependence" not in _section(page, "rm")  # an older rm.json without it: no card
 
 
 def test_headline_says_whether_ppo_got_better(run_dir: Path) -> None:
@@ -164,6 +165,15 @@ def test_headline_says_whether_ppo_got_better(run_dir: Path) -> None:
     card = re.search(r'<div class="label">PPO vs SFT</div><div class="value">(.*?)</div><div class="note">(.*?)</div>', headline)
     assert card and card.group(1) == "worse"
     assert card.group(2) == "gold -0.013 per prompt, 95% CI -0.026–-0.001; 42 wins, 53 losses, 205 ties"
+
+
+def test_rm_section_shows_whether_the_reward_model_reads_the_prompt(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["rm"]["prompt_dependence"] = {"accuracy": 0.512, "n": 205, "per_family": {}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    rm = _section(build_report(run_dir).read_text(encoding="utf-8"), "rm")
+    assert re.search(r'<div class="label">prompt dependence</div><div class="value">0.512</div><div class="note">own reply '
+                     r"over another prompt&#x27;s, 205 prompts; 0.5 = the prompt is not read</div>", rm)
 
 
 def test_rates_show_their_intervals(run_dir: Path) -> None:

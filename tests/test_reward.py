@@ -18,7 +18,8 @@ from rlhf.cli import main
 from rlhf.config import CollectConfig, RewardConfig
 from rlhf.configlib import from_dict
 from rlhf.data.io import PreferenceExample, load_preferences
-from rlhf.evaluation.reward import evaluate_reward_model, expected_calibration_error, pearson
+from rlhf.evaluation.reward import (evaluate_reward_model, expected_calibration_error, mismatch_triples, pearson,
+                                    prompt_dependence)
 from rlhf.models.reward import (
     RewardModel,
     collate_sequences,
@@ -492,6 +493,37 @@ def test_gold_decision_names_what_a_pair_turns_on():
                                            extra={"gold_chosen": 1.0, "gold_rejected": 0.0})) is None
 
 
+def test_prompt_dependence_tells_a_prompt_blind_reward_from_one_that_reads_the_prompt():
+    def pair(prompt, chosen, rejected, family, gold=None):
+        extra = {"family": family, **({"gold_chosen": gold[0], "gold_rejected": gold[1]} if gold else {})}
+        return PreferenceExample([{"role": "user", "content": prompt}], chosen, rejected, extra=extra)
+
+    owl, cow, dog = "What does an owl say?", "What does a cow say?", "What does a dog say?"
+    pairs = [pair(owl, "An owl says hoot.", "It says moo.", "facts"),
+             pair(owl, "It says moo.", "An owl says hoot.", "facts"),  # a later pair of the same prompt: ignored
+             pair(cow, "It says hoot.", "A cow says moo.", "facts", gold=(0.0, 1.0)),  # gold overrules the label
+             pair(dog, "A dog says woof.", "It says moo.", "facts"),
+             pair("What is 2 + 2?", "4", "5", "arithmetic")]  # the only arithmetic prompt: nothing to pit it against
+    triples = mismatch_triples(pairs)
+    assert [(t[0][0]["content"], t[1], t[2]) for t in triples] == [
+        (owl, "An owl says hoot.", "A cow says moo."), (cow, "A cow says moo.", "A dog says woof."),
+        (dog, "A dog says woof.", "An owl says hoot.")]
+
+    class Stub:  # RewardModel.score's interface: one reward per (prompt, response)
+        def __init__(self, reward):
+            self.reward = reward
+
+        def score(self, prompts, responses, **_):
+            return torch.tensor([self.reward(p[-1]["content"], r) for p, r in zip(prompts, responses)])
+
+    reads = Stub(lambda prompt, response: float(prompt.split()[3] in response))  # names the animal asked about
+    blind = Stub(lambda prompt, response: float(len(response)))  # the response alone: 17, 15 and 16 characters
+    assert prompt_dependence(reads, pairs, 8, 64)["accuracy"] == 1.0
+    result = prompt_dependence(blind, pairs, 8, 64)
+    assert result["accuracy"] == pytest.approx(1 / 3) and result["per_family"] == {"facts": {"n": 3, "accuracy": pytest.approx(1 / 3)}}
+    assert prompt_dependence(blind, pairs[-1:], 8, 64) is None
+
+
 def test_evaluate_reward_model_gold_accuracy(tiny_llama, tmp_path, capsys):
     model, tok = load_reward_backbone(tiny_llama)  # an untrained head: rewards of no particular sign
     folder = tmp_path / "rm0"
@@ -528,6 +560,11 @@ def test_evaluate_reward_model_gold_accuracy(tiny_llama, tmp_path, capsys):
     assert {k: v["n"] for k, v in result["by_split"].items()} == {"train": 12}  # "What is 3 + 4?": a train-split world task
     assert sum(v["gold_pairs"] for v in result["by_decision"].values()) == 8  # every gold pair is a world task's
     assert result["members"] == 1 and result["disagreement"] is None and not result["normalized"]
+    triples = mismatch_triples(pairs)  # each prompt's preferred reply, and the next same-family prompt's, under it
+    own = rm.score([t[0] for t in triples], [t[1] for t in triples], max_length=64)
+    other = rm.score([t[0] for t in triples], [t[2] for t in triples], max_length=64)
+    assert result["prompt_dependence"]["n"] == len(triples) == 12
+    assert result["prompt_dependence"]["accuracy"] == pytest.approx((own > other).float().mean().item())
 
     # The command writes the same metrics.
     out = tmp_path / "eval_rm.json"

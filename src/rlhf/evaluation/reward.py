@@ -17,6 +17,9 @@ On a preference file (held-out pairs), for one model or an ensemble:
 - length_correlation: Pearson correlation between reward and response length in words over the
   distinct responses in the file (policy samples): a reward that grows with length invites rambling;
 - disagreement: for an ensemble, the mean standard deviation of the members' normalised rewards;
+- prompt_dependence: how often the model scores a prompt's own preferred response above the preferred response to
+  another prompt of the same family, both under this prompt: a reward model that reads only the response scores
+  about 0.5 here, and PPO can please it with a fluent answer to another question;
 - annotators: agreement statistics of the labels themselves (kappa, alpha, agreement with the majority).
 """
 
@@ -173,6 +176,47 @@ def _grouped(pairs: Sequence[PreferenceExample], right: torch.Tensor, gold: list
     return out
 
 
+def mismatch_triples(pairs: Sequence[PreferenceExample]) -> list[tuple[list, str, str, str | None]]:
+    """(prompt, its preferred response, another prompt's preferred response, family) for each distinct prompt.
+
+    The preferred response is the gold judge's better one where the file has gold scores, else the label's. The
+    other prompt is the next distinct prompt of the same family in the file (cyclically); a family with one
+    prompt, or an "other" response that is the prompt's own text, makes no triple."""
+    best: dict[str, tuple[list, str, str | None]] = {}
+    for ex in pairs:
+        gc, gr = ex.extra.get("gold_chosen"), ex.extra.get("gold_rejected")
+        better = ex.rejected if gc is not None and gr is not None and gr > gc else ex.chosen
+        best.setdefault(json.dumps(ex.prompt, sort_keys=True), (ex.prompt, better, ex.extra.get("family")))
+    by_family: dict[str | None, list[tuple[list, str]]] = defaultdict(list)
+    for prompt, response, family in best.values():
+        by_family[family].append((prompt, response))
+    out = []
+    for family, items in by_family.items():
+        for i, (prompt, own) in enumerate(items):
+            other = items[(i + 1) % len(items)][1]
+            if len(items) > 1 and other != own:
+                out.append((prompt, own, other, family))
+    return out
+
+
+def prompt_dependence(rm: RewardModel, pairs: Sequence[PreferenceExample], batch_size: int, max_length: int) -> dict | None:
+    """The share of ``mismatch_triples`` whose own response the model scores above the other (ties half), overall
+    and per family; None when the file has no two prompts of one family."""
+    triples = mismatch_triples(pairs)
+    if not triples:
+        return None
+    prompts = [t[0] for t in triples] * 2
+    rewards = rm.score(prompts, [t[1] for t in triples] + [t[2] for t in triples], batch_size=batch_size,
+                       max_length=max_length)  # (2T,): own responses, then the others'
+    own, other = rewards[: len(triples)], rewards[len(triples) :]
+    right = ((own > other).float() + 0.5 * (own == other).float()).tolist()  # NaN (too long) compares False: a miss
+    families: dict[str, list[float]] = defaultdict(list)
+    for (_, _, _, family), r in zip(triples, right):
+        families[str(family)].append(r)
+    return {"accuracy": sum(right) / len(right), "n": len(right),
+            "per_family": {f: {"n": len(v), "accuracy": sum(v) / len(v)} for f, v in sorted(families.items())}}
+
+
 def evaluate_reward_model(rm: RewardModel, pairs: Sequence[PreferenceExample], *, batch_size: int = 64,
                           max_length: int = 256) -> dict:
     """Every metric of the module docstring for ``rm`` on ``pairs``."""
@@ -209,6 +253,7 @@ def evaluate_reward_model(rm: RewardModel, pairs: Sequence[PreferenceExample], *
         "length_correlation": pearson(all_rewards.tolist(), lengths),
         "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
         "disagreement": scored["rewards"].std(0, unbiased=False).mean().item() if len(rm.members) > 1 else None,
+        "prompt_dependence": prompt_dependence(rm, pairs, batch_size, max_length),
     }
     if any(ex.annotator for ex in pairs):
         result["annotators"] = annotator_report(units_from_preferences(to_record(ex) for ex in pairs))

@@ -797,6 +797,10 @@ def _rm_overview(rm: dict) -> Html:
              ("gold accuracy", rm.get("gold_accuracy"), pairs or "agreement with the gold judge"),
              ("ECE", rm.get("ece"), "calibration error, lower is better"),
              ("length correlation", rm.get("length_correlation"), "reward vs. response length; high = length bias")]
+    reads = _dict(rm, "prompt_dependence")
+    if _num(reads.get("accuracy")) is not None:
+        items.append(("prompt dependence", reads["accuracy"], f"own reply over another prompt's, {_fmt(reads.get('n'))} "
+                                                              "prompts; 0.5 = the prompt is not read"))
     return Html(f'<div class="cards">{_cards(items)}</div>')
 
 
