@@ -48,7 +48,7 @@ def test_pipeline_writes_every_stage(tiny_run):
     assert vs_sft["verdict"] == verdict(vs_sft["gold_diff_ci95"], vs_sft["win_rate_untied_ci95"])
     # A sampled k1 estimate: it can come out slightly negative for a policy that barely moved, but never 0.
     assert ppo["kl"] == json.loads((tiny_run / "eval" / "kl.json").read_text())["kl"] and ppo["kl"] != 0
-    assert {"accuracy", "gold_accuracy", "per_family", "ece", "length_correlation", "annotators"} <= set(summary["rm"])
+    assert {"accuracy", "gold_accuracy", "per_family", "ece", "length_correlation", "annotators", "prompt_dependence"} <= set(summary["rm"])
     assert {"pretrain", "sft", "collect", "rm", "ppo", "eval rm", "eval sft", "eval ppo"} <= set(summary["time_seconds"])
     sft = json.loads((tiny_run / "eval" / "sft.json").read_text())
     assert EVAL_KEYS <= set(sft) and 0 <= sft["win_rate"] <= 1
@@ -172,7 +172,10 @@ def test_second_run_skips_finished_stages(tiny_run, capsys):
     before = (tiny_run / "sft" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", "--config", TINY, "--out", str(tiny_run)]) == 0
     assert (tiny_run / "sft" / "model.safetensors").stat().st_mtime_ns == before
-    assert "skipped" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "skipped" in printed.err
+    reads = json.loads((tiny_run / "summary.json").read_text())["rm"]["prompt_dependence"]["accuracy"]
+    assert f"prompt dependence {reads:.3f} (0.5: the prompt is not read)" in " ".join(printed.out.split())
 
 
 def test_collect_pairs_against_another_policy(tiny_run, tmp_path):

@@ -246,9 +246,15 @@ def print_summary(summary: dict) -> None:
         Console().print(f"red team: attack success rate {_fmt(red['asr'])} for {red['model']}{base}")
     Console().print(f"reward model on {rm['n_pairs']} held-out pairs: accuracy {_fmt(rm['accuracy'])}, "
                     f"gold accuracy {_fmt(rm['gold_accuracy'])}, ECE {_fmt(rm['ece'])}, length correlation "
-                    f"{_fmt(rm['length_correlation'])}; annotators flagged by agreement: {', '.join(flagged) or 'none'}")
+                    f"{_fmt(rm['length_correlation'])}{_prompt_dependence(rm)}; annotators flagged by agreement: "
+                    f"{', '.join(flagged) or 'none'}")
     if summary.get("rounds"):
         print_rounds(summary["rounds"])
+
+
+def _prompt_dependence(rm: dict) -> str:
+    reads = rm.get("prompt_dependence") or {}
+    return f", prompt dependence {_fmt(reads['accuracy'])} (0.5: the prompt is not read)" if "accuracy" in reads else ""
 
 
 def print_rounds(rounds: list[dict]) -> None:
