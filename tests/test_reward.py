@@ -510,6 +510,8 @@ def test_prompt_dependence_tells_a_prompt_blind_reward_from_one_that_reads_the_p
         (dog, "A dog says woof.", "An owl says hoot.")]
 
     class Stub:  # RewardModel.score's interface: one reward per (prompt, response)
+        normalized = False
+
         def __init__(self, reward):
             self.reward = reward
 

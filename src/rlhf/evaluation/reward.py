@@ -194,7 +194,7 @@ def mismatch_triples(pairs: Sequence[PreferenceExample]) -> list[tuple[list, str
     for family, items in by_family.items():
         for i, (prompt, own) in enumerate(items):
             other = items[(i + 1) % len(items)][1]
-            if len(items) > 1 and other != own:
+            if other != own:  # a family of one prompt pits it against itself
                 out.append((prompt, own, other, family))
     return out
 
@@ -207,7 +207,7 @@ def prompt_dependence(rm: RewardModel, pairs: Sequence[PreferenceExample], batch
         return None
     prompts = [t[0] for t in triples] * 2
     rewards = rm.score(prompts, [t[1] for t in triples] + [t[2] for t in triples], batch_size=batch_size,
-                       max_length=max_length)  # (2T,): own responses, then the others'
+                       max_length=max_length, normalize=rm.normalized)  # (2T,): own responses, then the others'
     own, other = rewards[: len(triples)], rewards[len(triples) :]
     right = ((own > other).float() + 0.5 * (own == other).float()).tolist()  # NaN (too long) compares False: a miss
     families: dict[str, list[float]] = defaultdict(list)
