@@ -25,6 +25,8 @@ completions per optimiser step, generated in one ``generate`` call with the KV c
   - ``ours_grpo`` / ``ours_rloo``: our GRPO / RLOO (``ppo.algorithm``), the same loop without a critic,
     ``batch_size / num_generations`` prompts x ``--num-generations`` completions, 1 epoch, ``--mini-batch-size``
     minibatches: the same work per step as TRL's trainer of the same algorithm, which they are timed against.
+  - ``ours_vh``: ``ours`` with ``critic: policy``: the values read by a value head off the policy's own hidden
+    states instead of a reward-model copy (no critic forward in the rollout, no critic backward in the update).
   - ``ours4``: the same with PPO's usual defaults, 4 epochs x 4 minibatches (16 optimiser steps per model per
     iteration); more work per sample, shown for reference (``--no-ppo-defaults`` skips it).
   - ``grpo`` / ``rloo``: ``GRPOTrainer`` / ``RLOOTrainer`` with ``reward_funcs`` = the same reward-model folder
@@ -64,6 +66,7 @@ QUICK = dict(sizes="1m", steps=3, warmup=1, repeats=1)  # --quick: defaults for 
 KEY, UNIT = "samples_per_sec", "samples/s"
 PEERS = ("grpo", "rloo")
 CRITIC_FREE = {"ours_grpo": "grpo", "ours_rloo": "rloo"}  # our side -> the algorithm, timed against TRL's trainer of it
+VALUE_HEAD = "ours_vh"  # our PPO with critic: policy (a value head on the policy's hidden states)
 DEFAULT_EPOCHS, DEFAULT_MINIBATCHES = 4, 4  # PPOConfig's defaults: 4 epochs, batch 64 in minibatches of 16
 FLAGS = ("steps", "warmup", "batch_size", "mini_batch_size", "num_generations", "max_new_tokens", "beta", "threads",
          "lr", "seed", "sampler", "backend")  # options the parent passes to its workers
@@ -146,7 +149,7 @@ def ppo_config(a: argparse.Namespace, out: str):
         batch_size=a.batch_size, mini_batch_size=mini, ppo_epochs=epochs, lr=a.lr, kl=dict(coef=a.beta),
         generation=dict(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=a.max_new_tokens,
                         batch_size=a.batch_size, sampler=a.sampler, backend=a.backend),
-        missing_eos_score=None))
+        critic="policy" if a.worker == VALUE_HEAD else "reward_model", missing_eos_score=None))
 
 
 def ours_settings(run) -> dict:
@@ -187,7 +190,8 @@ def worker_ours(a: argparse.Namespace) -> dict:
                settings=ours_settings(run), prompt_tokens=run.prompts.encoded)
     critic_free = a.worker in CRITIC_FREE
     want = {"param_dtype": "torch.float32", "mixed_precision": "no", "gradient_checkpointing": False,
-            "reference_model": True, "critic": "none" if critic_free else "reward-model copy", "threads": a.threads,
+            "reference_model": True, "threads": a.threads,
+            "critic": "none" if critic_free else "value head" if a.worker == VALUE_HEAD else "reward-model copy",
             "num_generations": a.num_generations if critic_free else 1}
     check_settings(a.worker, out["settings"], want)
     return out
@@ -290,7 +294,7 @@ def worker_trl(a: argparse.Namespace) -> dict:
 
 
 def sides(a: argparse.Namespace) -> tuple[str, ...]:
-    return ("ours", *(("ours4",) if a.ppo_defaults else ()), *CRITIC_FREE, *PEERS)
+    return ("ours", VALUE_HEAD, *(("ours4",) if a.ppo_defaults else ()), *CRITIC_FREE, *PEERS)
 
 
 def bench_size(size: str, texts: list[str], a: argparse.Namespace, tmp: Path) -> dict:
@@ -331,6 +335,7 @@ def summarize(size: str, params: int, rm_params: int, runs: dict[str, list[dict]
         "same_prompt_tokens": all(tuple(p) in ours_prompts for s in PEERS for p in best[s]["prompt_tokens"]),
         "other_load": {s: [x["other_load"] for x in runs[s]] for s in runs},
         "target_met": best["ours"][KEY] >= best["grpo"][KEY],
+        "target_met_value_head": best[VALUE_HEAD][KEY] >= best["grpo"][KEY],
         # Issue targets for the same algorithm against TRL's trainer of it: 1.5x at ~1M parameters, 1.2x at ~15M.
         "same_algorithm_target": 1.5 if params < 5e6 else 1.2,
         "same_algorithm_target_met": {k: v["ratio"] >= (1.5 if params < 5e6 else 1.2) for k, v in same_algorithm.items()},
@@ -362,6 +367,10 @@ def print_results(results: list[dict], a: argparse.Namespace) -> None:
               f"ours/RLOO {r['ratios']['ours/rloo']['median_ratio']:.2f}")
         print(f"{r['size']:>5}: target (ours >= GRPO samples/s): {'met' if r['target_met'] else 'NOT met'} "
               f"(ratio {r['ratios']['ours/grpo']['ratio']:.2f})")
+        t, vh = r["seconds_per_iteration"][VALUE_HEAD], r["ratios"][f"{VALUE_HEAD}/grpo"]
+        print(f"{r['size']:>5}: ours_vh (critic: policy, a value head) {r[KEY][VALUE_HEAD]:.1f} samples/s, rollout "
+              f"{t['rollout']:.3f} s (generation {t['generation']:.3f} s) + update {t['update']:.3f} s; ours_vh/GRPO "
+              f"{vh['ratio']:.2f} (median {vh['median_ratio']:.2f}): {'met' if r['target_met_value_head'] else 'NOT met'}")
     for r in results:
         same = r["same_algorithm_ratios"]
         print(f"{r['size']:>5}: same algorithm, ours/TRL: " + ", ".join(
@@ -374,7 +383,7 @@ def print_results(results: list[dict], a: argparse.Namespace) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser(__doc__, batch_help="completions per optimiser step on every side",
-                    sides=("ours", "ours4", *CRITIC_FREE, *PEERS),
+                    sides=("ours", VALUE_HEAD, "ours4", *CRITIC_FREE, *PEERS),
                     data_help="prompt file (any format load_prompts reads) instead of the synthetic questions",
                     steps_help="iterations (ours) / optimiser steps (TRL) per run", fit_options=False)
     p.set_defaults(steps=10, warmup=2, batch_size=32)

@@ -19,6 +19,7 @@ from rlhf.configlib import ConfigError, from_dict
 from rlhf.models.loading import load_causal_lm
 from rlhf.report.metrics import read_metrics
 from rlhf.models.policy import response_logits
+from rlhf.rl import experience
 from rlhf.rl.types import RewardComponent
 from rlhf.stages.ppo import RLRun, run_ppo
 
@@ -50,6 +51,20 @@ def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(tiny_llam
     m = ro.response_mask
     assert ((m[:, 1:] <= m[:, :-1]).all())
     assert (ro.input_ids[:, ro.n_prompt :][m == 0] == run.m.tok.pad_token_id).all()
+
+
+def test_a_value_head_reads_the_engines_hidden_states_without_a_policy_forward(tiny_llama, flat_rm, prompt_file,
+                                                                                 tmp_path, monkeypatch):
+    run = RLRun(ppo_config(tiny_llama, flat_rm, prompt_file, tmp_path / "out", critic="policy"))
+    torch.nn.init.normal_(run.m.value_head.score.weight)  # zero-initialised: give it values to compare
+    calls = []
+    monkeypatch.setattr(experience, "response_logits", lambda *a, **k: calls.append(1) or response_logits(*a, **k))
+    ro, _ = run.rollout()
+    assert calls == []  # log-probs, entropies and the value head's input all came from the engine
+    with torch.no_grad():
+        _, hidden = response_logits(run.m.policy, ro.input_ids, ro.attention_mask, ro.n_prompt, 1.0, with_hidden=True)
+        want = run.m.value_head(hidden) * ro.response_mask
+    assert want.abs().max() > 0.1 and torch.allclose(ro.values, want, atol=1e-5)
 
 
 def lowercase_share(prompts: list[str], responses: list[str]) -> list[float]:

@@ -82,6 +82,25 @@ def test_finished_rows_leaving_the_batch_change_no_token(do_sample, tiny_llama3)
     assert (runs[0].logprobs - runs[1].logprobs).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["tiny_llama3", "tiny_gemma2"])
+def test_engine_hidden_states_equal_a_fresh_forward(family, request):
+    """The final hidden states the engine hands a value head: from the fused steps (Llama) and from the model's
+    own forward (Gemma-2), with rows leaving the batch as they stop, equal to the backbone's output on the
+    finished sequences."""
+    model, tok = load_causal_lm(request.getfixturevalue(family))
+    prompts = encoded(tok, 10)
+    longest, shortest = max(map(len, prompts)), min(map(len, prompts))
+    stop = StopAtLength(longest + 2, tok.pad_token_id, tok.eos_token_id)  # a short prompt runs longer
+    cfg = GenerationConfig(max_new_tokens=longest - shortest + 4, batch_size=10, do_sample=True, compact=0.0)
+    s = make_engine(model, tok, "static", hidden=True).generate(prompts, cfg, 1, [stop])
+    with torch.no_grad():
+        _, want = response_logits(model, s.input_ids, s.attention_mask, s.n_prompt, 1.0, with_hidden=True)
+    assert len(set(s.mask.sum(1).tolist())) >= 3  # rows stopped at different steps: the batch was compacted
+    assert s.hidden.shape == want.shape and want.abs().max() > 0.1
+    assert (s.hidden - want * s.mask[..., None]).abs().max() < 1e-5
+    assert make_engine(model, tok, "static").generate(prompts, cfg, 1, [stop]).hidden is None  # only when asked
+
+
 def test_a_row_gets_the_tokens_it_gets_alone(tiny_qwen2):
     model, tok = load_causal_lm(tiny_qwen2)
     engine, prompts = make_engine(model, tok, "static"), encoded(tok)

@@ -112,16 +112,18 @@ class ExperienceMaker:
         critic) and the policy's mean entropy; a (b, A, V) logits tensor at a time, never the rollout's (B, A, V).
 
         The policy's forward is skipped when the engine returned the log-probs and entropies (the static engine:
-        the same logits, read while sampling) and no value head needs the policy's hidden states."""
+        the same logits, read while sampling) and, for a value head, the hidden states it reads."""
         m, t, n_prompt, mask = self.m, self.cfg.generation.temperature, sampled.n_prompt, sampled.mask
         # Under bf16 autocast the update's log-probs are bf16 ones: the rollout's must be too, so the policy runs.
-        from_engine = sampled.logprobs is not None and m.value_head is None and self.cfg.mixed_precision != "bf16"
+        from_engine = (sampled.logprobs is not None and (m.value_head is None or sampled.hidden is not None)
+                       and self.cfg.mixed_precision != "bf16")
         logprobs, ref_logprobs, values, entropy = [], [], [], torch.zeros((), device=mask.device)
         for part in micro_batches(len(mask), self.cfg.micro_batch_size):
             ids, am, tokens, mk = sampled.input_ids[part], sampled.attention_mask[part], sampled.responses[part], mask[part]
             with autocast(self.cfg, self.device):
                 hidden = None
                 if from_engine:
+                    hidden = sampled.hidden[part] if m.value_head is not None else None  # (b, A, H)
                     logprobs.append(sampled.logprobs[part])
                     entropy += masked_sum(sampled.entropy[part], mk)
                 else:

@@ -48,15 +48,16 @@ class Engine(Protocol):
 
 
 def make_engine(model: PreTrainedModel, tok: PreTrainedTokenizerBase, backend: str = "auto",
-                stop: set[int] | None = None) -> Engine:
+                stop: set[int] | None = None, hidden: bool = False) -> Engine:
     """The engine for ``model`` (a transformers causal LM, adapters injected): ``static`` where supported under
-    ``auto``; asking for ``static`` where it is not supported is an error naming why."""
+    ``auto``; asking for ``static`` where it is not supported is an error naming why. ``hidden``: the static engine
+    also returns the final hidden states (``Sampled.hidden``, for a value head on the policy)."""
     stop = eos_ids(model, tok) if stop is None else stop
     if backend == "hf":
         return HFEngine(model, tok, stop)
     why = static_supported(model)
     if why is None:
-        return StaticEngine(model, tok, stop)
+        return StaticEngine(model, tok, stop, hidden)
     if backend == "static":
         raise ValueError(f"generation.backend static: {why}; use backend hf (or auto)")
     log.info("generation: the hf engine for %s (%s)", type(model).__name__, why)

@@ -39,7 +39,9 @@ class Sampled:
     ended: torch.Tensor  # (B,) the response ended with EOS
     logprobs: torch.Tensor | None = None  # (B, A) log softmax(logits / T) of each response token, 0 after the end
     entropy: torch.Tensor | None = None  # (B, A) entropy of softmax(logits / T) at each response token, 0 after the end
-    """The last two come from engines that read them off the decode loop (``static``); ``None`` from ``hf``."""
+    hidden: torch.Tensor | None = None  # (B, A, H) the policy's final hidden state before each response token, 0 after
+    """The last three come from engines that read them off the decode loop (``static``; ``hidden`` only when asked
+    for); ``None`` from ``hf``."""
 
 
 def truncate_at_eos(ids: Sequence[int], eos_ids: set[int], pad_id: int | None) -> tuple[list[int], bool]:
@@ -93,14 +95,21 @@ def generation_batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id
     return batch, parts
 
 
+def pad_steps(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros after the last step of a per-token tensor (b, A_i, ...) -> (b, width, ...)."""
+    return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1], *x.shape[2:])], dim=1)
+
+
 def join_batches(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, chunks: Sequence[torch.Tensor], pad_id: int,
                  stop: set[int], extras: Sequence[Sequence[torch.Tensor]] = ()) -> Sampled:
     """One Sampled from the prompts (B, P) and each generation batch's responses (b, A_i), padded to one width A
-    and cut after the first stop token. ``extras``: per-token tensors per batch (log-probs, entropy), 0-padded."""
+    and cut after the first stop token. ``extras``: per-token tensors per batch ((b, A_i) log-probs and entropies,
+    (b, A_i, H) hidden states), 0-padded."""
     width = max(c.shape[1] for c in chunks)
     responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])  # (B, A)
     mask, ended = response_mask(responses, stop)
     responses = responses.masked_fill(mask == 0, pad_id)
-    joined = [torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in parts]) * mask for parts in extras]
+    joined = [torch.cat([pad_steps(x, width) for x in parts]) * mask.view(*mask.shape, *[1] * (parts[0].dim() - 2))
+              for parts in extras]
     return Sampled(torch.cat([prompt_ids, responses], dim=1), torch.cat([prompt_mask, mask], dim=1),
                    prompt_ids.shape[1], responses, mask, ended, *joined)

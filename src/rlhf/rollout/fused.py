@@ -93,8 +93,9 @@ class FusedDecoder:
         half = self.head_dim // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def step(self, token: torch.Tensor, positions: torch.Tensor, cache, bias: torch.Tensor) -> torch.Tensor:
-        """Logits (b, V) after feeding token (b,) at positions (b,); ``bias`` (b, 1, 1, T) is 0 on the cache
+    def step(self, token: torch.Tensor, positions: torch.Tensor, cache, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (b, V) and the final hidden states (b, H) (after the last norm: the backbone's output, what a
+        value head reads) after feeding token (b,) at positions (b,); ``bias`` (b, 1, 1, T) is 0 on the cache
         columns a row attends to (its prompt, its response so far, this token) and -inf on padding."""
         b, g = len(token), self.heads // self.kv_heads
         nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -113,4 +114,5 @@ class FusedDecoder:
             x = F.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, layer.down)
-        return F.linear(F.rms_norm(h, (self.hidden,), self.norm, self.eps), self.lm_head)  # (b, V)
+        h = F.rms_norm(h, (self.hidden,), self.norm, self.eps)
+        return F.linear(h, self.lm_head), h  # (b, V), (b, H)

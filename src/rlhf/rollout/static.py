@@ -12,8 +12,9 @@ spends it on the forward:
   logits, temperature, top-p, the draw; greedy is the argmax;
 - rows that have stopped leave the batch once ``compact`` of it has stopped (cache, mask and positions are
   indexed down), so a long response does not keep 63 finished ones computing;
-- each token's log-prob and entropy under softmax(logits / T) are read off the same logits (PPO need not run
-  the policy again over the rollout).
+- each token's log-prob and entropy under softmax(logits / T) are read off the same logits, and with
+  ``hidden`` the backbone's final hidden state that made them (PPO need not run the policy again over the
+  rollout, nor for a value head on it).
 
 Shapes: b rows still decoding, P prompt width (left-padded), N = max_new_tokens, L = P + N, V vocabulary.
 """
@@ -27,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
 
 from rlhf.config import GenerationConfig
+from rlhf.models.policy import backbone
 from rlhf.rollout.fused import FusedDecoder, supports_fused
 from rlhf.rollout.common import Sampled, generation_batches, join_batches
 from rlhf.rollout.sampling import inverse_cdf_draw, logprobs_and_entropy, top_p_filter
@@ -99,8 +101,8 @@ class StaticEngine:
 
     name = "static"
 
-    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, stop: set[int]):
-        self.model, self.tok, self.stop = model, tok, stop
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, stop: set[int], hidden: bool = False):
+        self.model, self.tok, self.stop, self.hidden = model, tok, stop, hidden
         self._stop = torch.tensor(sorted(stop), dtype=torch.long)
         self.fused = supports_fused(model)  # decode steps in fused ops (Llama, Qwen2); else the model's forward
 
@@ -117,13 +119,24 @@ class StaticEngine:
             return inverse_cdf_draw(scores, uniforms)
         return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=gen).squeeze(1)
 
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                          logits_to_keep=1).logits[:, -1]  # (b, V)
+    def _forward(self, ids, mask, positions, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's own forward: the last position's logits (b, V) and, with ``hidden``, its final hidden state
+        (b, H), the backbone's output (read by a hook: the causal LM's output keeps no hidden states)."""
+        captured: list[torch.Tensor] = []
+        hook = backbone(self.model).register_forward_hook(
+            lambda _m, _a, out: captured.append(out.last_hidden_state[:, -1])) if self.hidden else None
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]  # (b, V)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return logits, (captured[0] if captured else None)
 
     def _decode(self, ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationConfig, procs, gen: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens, log-probs and entropies (B, N) for left-padded prompts (B, P); pad / 0 after a row's stop."""
+                ) -> tuple[torch.Tensor, ...]:
+        """Tokens, log-probs and entropies (B, N) for left-padded prompts (B, P), and with ``hidden`` the final
+        hidden states (B, N, H) that predicted each token; pad / 0 after a row's stop."""
         B, P = ids.shape
         N, device = cfg.max_new_tokens, ids.device
         cache = preallocated_cache(self.model, P + N)
@@ -132,10 +145,11 @@ class StaticEngine:
         start = prompt_mask.sum(dim=1)  # (B,) position of each row's first response token
         tokens = torch.full((B, N), self.tok.pad_token_id, dtype=torch.long, device=device)
         logprobs, entropy = torch.zeros(B, N, device=device), torch.zeros(B, N, device=device)
+        hiddens = torch.zeros(B, N, self.model.config.get_text_config().hidden_size, device=device) if self.hidden else None
         rows = torch.arange(B, device=device)  # original index of each row still in the batch
         live = torch.ones(B, dtype=torch.bool, device=device)  # (b,) has not stopped
         stop = self._stop.to(device)
-        logits = self._forward(ids, mask, (prompt_mask.cumsum(dim=1) - 1).clamp(min=0), cache)
+        logits, hidden = self._forward(ids, mask, (prompt_mask.cumsum(dim=1) - 1).clamp(min=0), cache)
         fast = FusedDecoder(self.model, P + N) if self.fused else None
         for t in range(N):
             uniforms = torch.rand(B, generator=gen, device=device)[rows]  # one per original row: compaction draws the same
@@ -143,6 +157,8 @@ class StaticEngine:
             lp, ent = logprobs_and_entropy(logits, token, cfg.temperature)
             kept = rows[live]
             tokens[kept, t], logprobs[kept, t], entropy[kept, t] = token[live], lp[live], ent[live]
+            if hiddens is not None:
+                hiddens[kept, t] = hidden[live].float()
             live = live & ~torch.isin(token, stop)
             n_live = int(live.sum())
             if n_live == 0 or t == N - 1:
@@ -155,10 +171,10 @@ class StaticEngine:
             if fast is not None:
                 bias = torch.zeros(mask.shape[0], 1, 1, P + t + 1, device=device).masked_fill_(
                     mask[:, None, None, : P + t + 1] == 0, -float("inf"))  # (b, 1, 1, T) additive padding mask
-                logits = fast.step(token, start + t, cache, bias)
+                logits, hidden = fast.step(token, start + t, cache, bias)
             else:
-                logits = self._forward(token.unsqueeze(1), mask, (start + t).unsqueeze(1), cache)
-        return tokens, logprobs, entropy
+                logits, hidden = self._forward(token.unsqueeze(1), mask, (start + t).unsqueeze(1), cache)
+        return (tokens, logprobs, entropy) + ((hiddens,) if hiddens is not None else ())
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, seed: int | None = None,
                  logits_processor=None) -> Sampled:
@@ -173,6 +189,6 @@ class StaticEngine:
             chunks = [self._decode(part["input_ids"], part["attention_mask"], cfg, list(logits_processor or []), gen)
                       for part in parts]
         # Tensors made under inference_mode cannot enter autograd (PPO's update reads these): normal copies.
-        tokens, logprobs, entropy = ([c[i].clone() for c in chunks] for i in range(3))
+        tokens, *extras = ([c[i].clone() for c in chunks] for i in range(len(chunks[0])))
         return join_batches(batch["input_ids"], batch["attention_mask"], tokens, self.tok.pad_token_id, self.stop,
-                            extras=(logprobs, entropy))
+                            extras=extras)

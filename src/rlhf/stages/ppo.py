@@ -70,7 +70,8 @@ class RLRun:
         self.device = PartialState().device
         self.m = load_models(cfg, self.device, with_critic=self.algorithm.critic)
         self.prompts, self.world = load_prompt_stream(cfg, self.m.tok)
-        engine = make_engine(unwrap(self.m.policy), self.m.tok, cfg.generation.backend)
+        engine = make_engine(unwrap(self.m.policy), self.m.tok, cfg.generation.backend,
+                             hidden=self.m.value_head is not None)  # the value head's input, read while sampling
         self.experience = ExperienceMaker(cfg, self.m, self.prompts, engine, steering(cfg, self.m.tok), components,
                                           self.device)
         self.learner = Learner(cfg, self.m, self.algorithm, self.device,
