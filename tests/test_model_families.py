@@ -215,10 +215,10 @@ def test_micro_batched_rollout_and_update_equal_the_whole_batch(critic, tiny_lla
         for hook in hooks:
             hook.remove()
         scoring = {name: [rows for rows, width in s if width == ro.input_ids.shape[1]] for name, s in shapes.items()}
-        # the scoring passes over whole sequences: micro-batches of 3; the policy's only when a value head on it
-        # needs its hidden states (else the engine's log-probs stand in for its pass)
+        # the scoring passes over whole sequences: micro-batches of 3; none of the policy's, whose log-probs (and,
+        # for a value head on it, hidden states) the engine returns
         assert scoring["reference"] == ([3, 3, 2] if micro else [8])
-        assert scoring["policy"] == (scoring["reference"] if critic == "policy" else [])
+        assert scoring["policy"] == []
         run.update(ro)
         results.append((ro, stats, {n: p.detach().clone() for n, p in run.m.policy.named_parameters()},
                         [p.detach().clone() for p in run.m.critic_parameters()]))
