@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.algos.core import IGNORE_INDEX, causal_lm_loss, masked_mean, masked_sum, token_logprobs
+from rlhf.algos.core import IGNORE_INDEX, causal_lm_loss, linear_cross_entropy, masked_mean, masked_sum, token_logprobs
 from rlhf.models.loading import load_causal_lm
 from rlhf.training import lr_factor
 
@@ -43,6 +43,52 @@ def test_masked_logprob_sum_equals_model_loss(which, request):
     ours, count = causal_lm_loss(out.logits, labels)
     assert ours.item() == pytest.approx(out.loss.item(), rel=1e-5)
     assert count == n
+
+
+def _ce_and_grads(loss_fn, hidden, weight, labels):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = loss_fn(h, w, labels)
+    (loss * 0.5).backward()  # a scale from above the loss reaches both gradients
+    return loss.detach(), h.grad, w.grad
+
+
+def _logits_ce(h, w, labels):
+    return torch.nn.functional.cross_entropy(h @ w.T, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@pytest.mark.parametrize("rows", [None, 4, 7, 64])
+def test_linear_cross_entropy_equals_the_logits_loss_and_gradients(rows):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 8, generator=g), torch.randn(50, 8, generator=g)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::5] = IGNORE_INDEX
+    want = _ce_and_grads(_logits_ce, hidden, weight, labels)
+    got = _ce_and_grads(lambda h, w, y: linear_cross_entropy(h, w, y, rows), hidden, weight, labels)
+    assert got[0].item() == pytest.approx(want[0].item(), rel=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert got[1][::5].abs().max() == 0  # an ignored row has no gradient
+    with torch.no_grad():  # evaluation: the loss alone
+        assert linear_cross_entropy(hidden, weight, labels, rows).item() == pytest.approx(want[0].item(), rel=1e-6)
+    frozen_head = weight.clone()  # a frozen head (LoRA): no gradient is made for it
+    h = hidden.clone().requires_grad_()
+    linear_cross_entropy(h, frozen_head, labels, rows).backward()
+    assert frozen_head.grad is None and torch.allclose(h.grad, want[1] * 2, atol=1e-5)
+
+
+def test_linear_cross_entropy_under_autocast_matches_an_autocast_linear():
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(40, 16, generator=g), torch.randn(30, 16, generator=g) * 0.3
+    labels = torch.randint(0, 30, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _ce_and_grads(lambda h, w, y: _logits_ce(h, w, y).float(), hidden, weight, labels)
+        got = _ce_and_grads(lambda h, w, y: linear_cross_entropy(h, w, y, 16), hidden, weight, labels)
+    exact = _ce_and_grads(_logits_ce, hidden, weight, labels)
+    assert got[0].item() == pytest.approx(want[0].item(), rel=1e-2)
+    for a, b, c in zip(got[1:], want[1:], exact[1:]):
+        assert a.dtype == c.dtype == torch.float32
+        # bf16 matmuls, fp32 gradients: within twice the error of autocast's own linear against fp32
+        assert (a - c).abs().max() <= 2 * (b - c).abs().max() + 1e-6
 
 
 def test_token_logprobs_temperature_scales_logits():

@@ -18,16 +18,17 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rlhf.algos.core import position_ids_from_mask
+from rlhf.algos.core import IGNORE_INDEX, position_ids_from_mask
 from rlhf.config import GenerationConfig, PPOConfig, RewardConfig
 from rlhf.configlib import ConfigError, from_dict
 from rlhf.data.chat import encode_prompt, encode_sft, stop_ids
 from rlhf.models.loading import load_causal_lm
-from rlhf.models.policy import gather_logprobs, response_hidden, response_logits, unwrap
+from rlhf.models.policy import gather_logprobs, plain_lm_head, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, collate_sequences, encode_for_reward, load_reward_backbone
 from rlhf.rollout import generate
 from rlhf.rl.models import score_head
 from rlhf.stages.ppo import RLRun
+from rlhf.training import lm_loss
 
 FAMILIES = ["tiny_llama3", "tiny_qwen2", "tiny_gemma2", "tiny_gpt2"]
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -134,6 +135,30 @@ def test_logprobs_are_the_causal_lms_own(family, request):
     skipped = torch.log_softmax(head_only, -1).gather(2, ids[:, n_prompt:, None])[..., 0]
     if family == "tiny_gemma2":  # the backbone plus the output embeddings would skip the softcap
         assert (skipped - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_loss_and_gradients_are_the_causal_lms_own(family, request):
+    """lm_loss (pretraining, SFT) fuses the head into a chunked cross-entropy where the logits are a plain head
+    over the backbone, and keeps the model's forward where they are not (Gemma-2's softcap)."""
+    model, tok = load_causal_lm(request.getfixturevalue(family))
+    torch.manual_seed(0)
+    ids = torch.randint(10, len(tok) - 10, (3, 14))
+    mask, labels = torch.ones_like(ids), ids.clone()
+    mask[0, 10:], labels[0, 10:], labels[:, :4] = 0, IGNORE_INDEX, IGNORE_INDEX  # right padding, an unscored prompt
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert (plain_lm_head(model) is None) == (family == "tiny_gemma2")
+    results = []
+    for loss_fn in (lm_loss, lambda m, b: (m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                labels=b["labels"]).loss, None)):
+        model.zero_grad()
+        loss = loss_fn(model, batch)[0]
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ours, ours_grads), (want, want_grads) = results
+    assert ours == pytest.approx(want, rel=1e-5)
+    assert all(torch.allclose(ours_grads[n], want_grads[n], atol=1e-5) for n in want_grads)
+    assert unwrap(model).get_output_embeddings().weight.grad.abs().sum() > 0
 
 
 def ppo_cfg(policy, rm, prompts, out, **over) -> PPOConfig:

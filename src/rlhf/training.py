@@ -21,9 +21,10 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 
-from rlhf.algos.core import causal_lm_loss
+from rlhf.algos.core import causal_lm_loss, linear_causal_lm_loss
 from rlhf.config import TrainConfig
 from rlhf.configlib import ConfigError
+from rlhf.models.policy import backbone, plain_lm_head
 from rlhf.report.metrics import MetricsLogger
 from rlhf.report.progress import progress_bar
 
@@ -411,6 +412,16 @@ def _accumulate_step(model: torch.nn.Module, group, count_fn, acc: Accelerator) 
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal-LM loss over the batch's scored tokens (labels not IGNORE_INDEX), and their count."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-    return causal_lm_loss(out.logits, batch["labels"])
+    """Causal-LM loss over the batch's scored tokens (labels not IGNORE_INDEX), and their count.
+
+    Where the logits are a plain head over the backbone's output (``plain_lm_head``), the head and the
+    cross-entropy run fused in chunks (``linear_causal_lm_loss``: the (B, T, V) logits are never made);
+    else, and under DeepSpeed (whose ZeRO-3 gathers a weight only inside its module's forward), the model's
+    own forward gives the logits."""
+    head = plain_lm_head(model)
+    if head is None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        return causal_lm_loss(out.logits, batch["labels"])
+    hidden = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                             use_cache=False).last_hidden_state  # (B, T, H)
+    return linear_causal_lm_loss(hidden, head.weight, batch["labels"])

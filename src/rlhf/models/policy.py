@@ -29,6 +29,21 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(base, base.base_model_prefix)
 
 
+# Causal LMs whose logits are exactly ``lm_head(backbone output)``: no softcapping (Gemma-2), logit scale
+# (Cohere, Granite) or other transform between them, so a loss may apply the head's weight itself.
+PLAIN_HEAD_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
+
+
+def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head of a causal LM whose logits are ``head(backbone(...).last_hidden_state)`` with a bias-free
+    ``nn.Linear`` head (not wrapped by peft), else None (the model's own forward is what gives its logits)."""
+    base = unwrap(model)
+    head = getattr(base, "lm_head", None)
+    if type(base).__name__ not in PLAIN_HEAD_ARCHITECTURES or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    return head
+
+
 def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int
                     ) -> torch.Tensor:
     """Final hidden states of the states that predict each response token: (B, T) -> (B, A, H).
