@@ -20,6 +20,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/rm_vs_trl.py
 	$(BIN)/python benchmarks/dpo_vs_trl.py
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/lm_loss.py
 	$(BIN)/python benchmarks/ppo_iteration.py
 	$(BIN)/python benchmarks/ppo_memory.py
 
