@@ -2,7 +2,7 @@
 
 ``rlhf.training.lm_loss`` runs the LM head and the cross-entropy as one chunked operation for models whose
 logits are a plain head over the backbone (``rlhf.algos.core.linear_cross_entropy``); the peer is the same
-model's own forward (its (B, T, V) logits) and ``causal_lm_loss``, what the loss was before. Two shapes:
+model's own forward (its (B, T, V) logits: ``logits_lm_loss``), what the loss was before. Two shapes:
 
 - ``demo``: the demo's base model (Llama, hidden 192, 4 layers, vocabulary 2,048), a batch of 32 x 128 tokens;
 - ``128k``: a Llama-3-sized vocabulary (128,256) on a 2-layer model of hidden size 256, 4 x 512 tokens.
@@ -36,8 +36,7 @@ def worker(shape: str, side: str, steps: int, warmup: int, threads: int) -> dict
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.algos.core import causal_lm_loss
-    from rlhf.training import lm_loss
+    from rlhf.training import lm_loss, logits_lm_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -46,11 +45,7 @@ def worker(shape: str, side: str, steps: int, warmup: int, threads: int) -> dict
     ids = torch.randint(0, spec["model"]["vocab_size"], spec["batch"])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    def unfused(m, b):
-        return causal_lm_loss(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits,
-                              b["labels"])
-
-    loss_fn = lm_loss if side == "fused" else unfused
+    loss_fn = lm_loss if side == "fused" else logits_lm_loss
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times, losses = [], []
