@@ -40,6 +40,7 @@ def main(model_dir: str, data: str, batch_size: int, micro: int, out: str) -> No
         save_file(weights, out + ".safetensors")
         with open(out + ".json", "w") as f:
             json.dump({"losses": losses.rows, "processes": acc.num_processes}, f)
+    distributed.finish()  # as `rlhf` ends it
 
 
 if __name__ == "__main__":

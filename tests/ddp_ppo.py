@@ -102,6 +102,7 @@ def main(policy: str, rm: str, prompts: str, out: str, report: str, algorithm: s
     with builtins.open(f"{report}.rank{distributed.rank()}.json", "w") as f:
         json.dump({"processes": distributed.processes(), "advantages": advantages, "writes": found,
                    "iterations": summary["iterations"]}, f)
+    distributed.finish()  # as `rlhf` ends it
 
 
 if __name__ == "__main__":

@@ -379,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"rlhf {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    distributed.finish()
     return 0
 
 

@@ -37,6 +37,17 @@ def init() -> None:
         PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=TIMEOUT)
 
 
+def finish() -> None:
+    """End the process group after a run that succeeded on this process: wait for the others, then destroy it.
+    Without this, gloo's worker threads outlive the interpreter and a process can abort at exit (SIGABRT,
+    "terminate called without an active exception") after its work is done. Not called after an error: a
+    barrier there would wait for processes that may be stuck in a collective; the launcher stops them instead."""
+    if dist.is_available() and dist.is_initialized():
+        if processes() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def processes() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
