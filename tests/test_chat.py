@@ -3,7 +3,7 @@
 import pytest
 
 from rlhf.algos.core import IGNORE_INDEX
-from rlhf.data.chat import TooLong, encode_sft, pad_left, pad_right, render_prompt, split_prompt_response
+from rlhf.data.chat import TooLong, encode_sft, pack_right, pad_left, pad_right, render_prompt, split_prompt_response
 from rlhf.models.loading import load_causal_lm
 
 PROMPT = [{"role": "user", "content": "What is 3 + 4?"}]
@@ -52,6 +52,23 @@ def test_padding_sides():
     left = pad_left([[1, 2, 3], [4]], pad_id=0)
     assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_packing_puts_samples_side_by_side_with_restarting_positions():
+    from rlhf.data.chat import Encoded
+
+    a, b, c, d = (Encoded(list(range(10, 10 + n)), [IGNORE_INDEX] + list(range(11, 10 + n))) for n in (5, 2, 3, 1))
+    batch = pack_right([b, a, c], pad_id=0)  # longest first, each into the first row with room: [a], [c, b]
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14], [10, 11, 12, 10, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 11, 12, 13, 14], [IGNORE_INDEX, 11, 12, IGNORE_INDEX, 11]]
+    assert batch["token_mask"].tolist() == [[1] * 5, [1] * 5]
+    assert "attention_mask" not in batch
+    e = Encoded([7, 8], [7, 8])  # a sample whose first token is scored: never by the previous sample's last one
+    tail = pack_right([a, e, d], pad_id=0)
+    assert tail["input_ids"].tolist() == [[10, 11, 12, 13, 14], [7, 8, 10, 10, 10]]  # the tail repeats, never pad
+    assert tail["labels"].tolist()[1] == [IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert tail["position_ids"].tolist()[1] == [0, 1, 0, 0, 1] and tail["token_mask"].tolist()[1] == [1, 1, 1, 0, 0]
 
 
 def test_model_without_template_or_pad_gets_both(tiny_gpt2):

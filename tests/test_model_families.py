@@ -21,14 +21,14 @@ from transformers import AutoModelForSequenceClassification
 from rlhf.algos.core import IGNORE_INDEX, position_ids_from_mask
 from rlhf.config import GenerationConfig, PPOConfig, RewardConfig
 from rlhf.configlib import ConfigError, from_dict
-from rlhf.data.chat import encode_prompt, encode_sft, stop_ids
+from rlhf.data.chat import encode_prompt, encode_sft, pack_right, pad_right, stop_ids
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.policy import gather_logprobs, plain_lm_head, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, collate_sequences, encode_for_reward, load_reward_backbone
 from rlhf.rollout import generate
 from rlhf.rl.models import score_head
 from rlhf.stages.ppo import RLRun
-from rlhf.training import lm_loss
+from rlhf.training import count_units, lm_loss
 
 FAMILIES = ["tiny_llama3", "tiny_qwen2", "tiny_gemma2", "tiny_gpt2"]
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -159,6 +159,34 @@ def test_training_loss_and_gradients_are_the_causal_lms_own(family, request):
     assert ours == pytest.approx(want, rel=1e-5)
     assert all(torch.allclose(ours_grads[n], want_grads[n], atol=1e-5) for n in want_grads)
     assert unwrap(model).get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_sft_batch_trains_as_the_padded_one(family, request):
+    """SFT's padding-free batches (pack_right: samples side by side in a row, positions restarting) give the padded
+    batch's loss, scored-token count and gradients: no sample attends to another, none loses a scored token."""
+    model, tok = load_causal_lm(request.getfixturevalue(family))
+    texts = [("Add 2 and 3.", "5."), ("Name a colour.", "Blue, like the sky on a clear day."), ("Hi", "Hello!"),
+             ("What is the capital of France? Tell me about it.", "Paris is the capital of France. " * 4)]
+    rows = [encode_sft(tok, [{"role": "user", "content": q}], a, max_length=256) for q, a in texts]
+    padded, packed = pad_right(rows, tok.pad_token_id), pack_right(rows, tok.pad_token_id)
+    assert len(packed["input_ids"]) < len(rows) and "attention_mask" not in packed  # it packed
+    assert int(packed["token_mask"].sum()) == int(padded["attention_mask"].sum())
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss, count = lm_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), int(count), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b == count_units(padded) == count_units(packed)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-5) for n in grads_a)
+    # The same rows, but with the restarts removed (one position run per row): attention crosses samples.
+    crossed = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])}
+    model.zero_grad()
+    lm_loss(model, crossed)[0].backward()
+    assert not all(torch.allclose(grads_a[n], p.grad, atol=1e-5) for n, p in model.named_parameters())  # caught
 
 
 def ppo_cfg(policy, rm, prompts, out, **over) -> PPOConfig:

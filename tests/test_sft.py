@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from rlhf.cli import main
 from rlhf.config import SFTConfig
 from rlhf.configlib import ConfigError, from_dict
+from rlhf.data.chat import pack_right
 from rlhf.data.io import DataError
 from rlhf.models.loading import load_causal_lm
 from rlhf.stages.sft import run_sft
@@ -67,6 +68,34 @@ def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_llama, sft
     assert whole["steps"] == accum["steps"] == 3
     assert abs(whole["val_loss"] - accum["val_loss"]) < 1e-5
     wa, wb = weights(tmp_path / "whole"), weights(tmp_path / "accum")
+    assert any(not torch.equal(wa[k], weights(tiny_llama)[k]) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_padding_free_batches_train_as_padded_ones(tiny_llama, tmp_path, monkeypatch):
+    import rlhf.stages.sft as sft
+
+    sft_file = tmp_path / "sft.jsonl"  # answers of 1 to 4 sentences: short ones share a row
+    sft_file.write_text("".join(json.dumps({"prompt": f"What is {i % 7} + 2?", "completion": f"{i % 7 + 2}." + " Yes." * (i % 4)})
+                                + "\n" for i in range(48)))
+
+    rows = []  # (samples, rows) of each packed batch
+
+    def counting(batch, pad_id):
+        out = pack_right(batch, pad_id)
+        rows.append((len(batch), len(out["input_ids"])))
+        return out
+
+    monkeypatch.setattr(sft, "pack_right", counting)
+    packed = run_sft(sft_config(tiny_llama, sft_file, tmp_path / "packed", max_steps=3, batch_size=8))
+    cfg = sft_config(tiny_llama, sft_file, tmp_path / "padded", max_steps=3, batch_size=8)
+    cfg.padding_free = False
+    calls = len(rows)
+    padded = run_sft(cfg)
+    assert len(rows) == calls and sum(n for _, n in rows) < sum(b for b, _ in rows)  # packed: fewer rows; padded: none
+    assert packed["initial_val_loss"] == pytest.approx(padded["initial_val_loss"], abs=1e-6)
+    assert abs(packed["val_loss"] - padded["val_loss"]) < 1e-5
+    wa, wb = weights(tmp_path / "packed"), weights(tmp_path / "padded")
     assert any(not torch.equal(wa[k], weights(tiny_llama)[k]) for k in wa)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 

@@ -184,6 +184,10 @@ class SFTConfig:
     """Replace an earlier output of this stage at `out` (nothing else is ever replaced: a folder or file that
     is not this stage's output, or that holds one of the run's inputs, is refused)."""
     data: DataConfig = field(default_factory=DataConfig)
+    padding_free: bool = True
+    """Pack each batch's samples side by side in as few rows as hold them, attention kept within each sample
+    (TRL's padding_free): the padded batch's loss and gradients with less computed. Used where the
+    architecture masks packed samples (Llama, Mistral, Qwen2, Gemma-2, GPT-2); padded batches elsewhere."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=2e-5))
     lora: LoraConfig = field(default_factory=LoraConfig)
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)

@@ -422,11 +422,12 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     if head is None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return logits_lm_loss(model, batch)
     hidden = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             use_cache=False).last_hidden_state  # (B, T, H)
+                             position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state  # (B, T, H)
     return linear_causal_lm_loss(hidden, head.weight, batch["labels"])
 
 
 def logits_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``lm_loss`` through the model's own forward and its (B, T, V) logits, whatever the architecture."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), use_cache=False)
     return causal_lm_loss(out.logits, batch["labels"])

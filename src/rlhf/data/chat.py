@@ -262,6 +262,45 @@ def pad_right(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_right(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Collate for training without padding's waste (``pad_id`` is unused): the batch's samples packed into as few rows as hold them,
+    each row as wide as the longest sample (first fit, longest first). Each sample's ``position_ids`` start at 0,
+    and no ``attention_mask`` is given: transformers then reads the restarts as sample boundaries and masks
+    attention within each sample only (TRL's padding-free format), so every sample sees exactly what it sees
+    padded, and the same samples make the same step. A row's unused tail is one more segment, not scored.
+    ``token_mask`` (1 on the samples' tokens) is for counting only: the model is not given it."""
+    width = max(len(e.input_ids) for e in batch)
+    rows: list[list[Encoded]] = []
+    room: list[int] = []
+    for e in sorted(batch, key=lambda e: -len(e.input_ids)):
+        n = len(e.input_ids)
+        i = next((r for r, free in enumerate(room) if free >= n), len(rows))
+        if i == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[i].append(e)
+        room[i] -= n
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, T)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, T)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)  # (R, T)
+    real = torch.zeros((len(rows), width), dtype=torch.long)  # (R, T)
+    for r, row in enumerate(rows):
+        start = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, start : start + n] = torch.tensor(e.input_ids)
+            labels[r, start : start + n] = torch.tensor(e.labels)
+            labels[r, start] = IGNORE_INDEX  # the previous sample's last token does not predict it (unscored padded too)
+            positions[r, start : start + n] = torch.arange(n)
+            start += n
+        positions[r, start:] = torch.arange(width - start)
+        # The tail repeats the row's last token rather than the pad id: transformers warns of padding without an
+        # attention mask when a row ends in the pad token, and the tail is its own unscored segment either way.
+        ids[r, start:] = ids[r, start - 1]
+        real[r, :start] = 1
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "token_mask": real}
+
+
 def pad_left(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Collate for generation: left padding so every prompt ends where generation begins."""
     width = max(len(p) for p in prompts)

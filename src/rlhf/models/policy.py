@@ -34,6 +34,17 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
 PLAIN_HEAD_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
 
 
+# Causal LMs whose attention mask transformers builds from restarting position_ids (packed samples, no
+# attention_mask): tests/test_model_families.py checks packed against padded for each family it builds.
+PACKED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM",
+                        "GPT2LMHeadModel")
+
+
+def packs_samples(model: torch.nn.Module) -> bool:
+    """The model keeps packed samples apart (``rlhf.data.chat.pack_right``'s batches)."""
+    return type(unwrap(model)).__name__ in PACKED_ARCHITECTURES
+
+
 def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The LM head of a causal LM whose logits are ``head(backbone(...).last_hidden_state)`` with a bias-free
     ``nn.Linear`` head (not wrapped by peft), else None (the model's own forward is what gives its logits)."""

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from rlhf.config import DataConfig, SFTConfig, require
 from rlhf.configlib import to_dict
-from rlhf.data.chat import Encoded, TooLong, count_control_rows, encode_sft, pad_right, report_control_rows
+from rlhf.data.chat import Encoded, TooLong, count_control_rows, encode_sft, pack_right, pad_right, report_control_rows
 from rlhf.data.io import DataError, SFTExample, load_sft
 from rlhf.fsutil import check_out, main_process_dir, write_json_atomic
 from rlhf.models.loading import apply_lora, check_length, load_causal_lm, save_model
+from rlhf.models.policy import packs_samples
 from rlhf.report.metrics import MetricsLogger
 from rlhf.training import eval_batch_size, evaluate_loss, fit, lm_loss, make_accelerator
 
@@ -82,8 +83,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
 
+    pack = cfg.padding_free and packs_samples(model)
+
     def collate(rows: list[Encoded]):
-        return pad_right(rows, tok.pad_token_id)
+        return (pack_right if pack else pad_right)(rows, tok.pad_token_id)
 
     bs = eval_batch_size(cfg.train)
     val_batches = [collate(val[i : i + bs]) for i in range(0, len(val), bs)]
