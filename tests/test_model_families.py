@@ -11,6 +11,7 @@ changes the numbers, settings that make PPO's ratios wrong.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,8 @@ from rlhf.config import GenerationConfig, PPOConfig, RewardConfig
 from rlhf.configlib import ConfigError, from_dict
 from rlhf.data.chat import encode_prompt, encode_sft, pack_right, pad_right, stop_ids
 from rlhf.models.loading import load_causal_lm
-from rlhf.models.policy import gather_logprobs, plain_lm_head, response_hidden, response_logits, unwrap
+from rlhf.models.policy import (backbone, gather_logprobs, pack_rows, packed_hidden, packed_response_logits, plain_lm_head,
+                                response_hidden, response_logits, unwrap)
 from rlhf.models.reward import RewardModel, collate_sequences, encode_for_reward, load_reward_backbone
 from rlhf.rollout import generate
 from rlhf.rl.models import score_head
@@ -189,6 +191,36 @@ def test_packed_sft_batch_trains_as_the_padded_one(family, request):
     assert not all(torch.allclose(grads_a[n], p.grad, atol=1e-5) for n, p in model.named_parameters())  # caught
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_give_the_padded_batchs_logits_hidden_states_and_values(family, request, tmp_path):
+    """PPO's padding-free update (pack_rows: each sample's real tokens side by side, positions restarting) reads the
+    logits, the policy's hidden states and the critic's (a reward-model copy's) hidden states of the padded batch at
+    every response token, the model's logit transform included (Gemma-2's softcap)."""
+    folder = request.getfixturevalue(family)
+    model, tok = load_causal_lm(folder)
+    critic, _ = load_reward_backbone(save_rm(folder, tmp_path / "rm"))
+    torch.manual_seed(0)
+    n_prompt, prompt_lengths, response_lengths = 6, [6, 2, 4, 3], [8, 3, 1, 1]
+    ids = torch.randint(10, len(tok) - 10, (4, n_prompt + 8))  # (B, T)
+    am = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+        am[i, n_prompt - p : n_prompt + r] = 1
+    mask = am[:, n_prompt:].bool()  # (B, A)
+    packed = pack_rows(ids, am, n_prompt)
+    assert packed.input_ids.shape == (2, 14)  # samples of 14, 5, 5, 4 tokens: 14 | 5 + 5 + 4
+    with torch.no_grad():
+        want, want_hidden = response_logits(model, ids, am, n_prompt, 0.7, with_hidden=True)
+        got, got_hidden = packed_response_logits(model, packed, 0.7, with_hidden=True)
+        want_critic, got_critic = response_hidden(critic, ids, am, n_prompt), packed_hidden(critic, packed)
+        crossed = packed_hidden(critic, replace(packed, position_ids=torch.arange(14).expand(2, 14)))
+    assert torch.allclose(got[mask], want[mask], atol=1e-5)
+    assert torch.allclose(got_hidden[mask], want_hidden[mask], atol=1e-5)
+    assert torch.allclose(got_critic[mask], want_critic[mask], atol=1e-5)
+    assert not torch.allclose(crossed[mask], want_critic[mask], atol=1e-5)  # without the restarts, samples mix
+    with pytest.raises(ValueError, match="contiguous"):
+        pack_rows(ids, am.index_fill(1, torch.tensor([n_prompt]), 0), n_prompt)  # a hole in the middle of each row
+
+
 def ppo_cfg(policy, rm, prompts, out, **over) -> PPOConfig:
     base = dict(policy=str(policy), reward_model=str(rm), prompts=str(prompts), out=str(out), iterations=1,
                 batch_size=8, mini_batch_size=4, ppo_epochs=1, lr=1e-3, generation=dict(max_new_tokens=6, batch_size=8),
@@ -282,6 +314,39 @@ def test_micro_batched_rollout_and_update_equal_the_whole_batch(critic, tiny_lla
     assert sa["objective/entropy"] == pytest.approx(sb["objective/entropy"], abs=1e-5)
     assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ca, cb))
+
+
+@pytest.mark.parametrize("critic", ["reward_model", "policy"])
+def test_padding_free_update_equals_the_padded_one(critic, tiny_qwen2, tmp_path):
+    """The update's packed micro-batches (ppo.padding_free) make the padded update's step: the same policy and
+    critic parameters after it and the same statistics, from fewer rows and no attention mask."""
+    rm_dir = save_rm(tiny_qwen2, tmp_path / "rm", stats=(0.0, 1.0))
+    long = ("Tell me, in a few words and without any list, what the weather in Paris is like in the spring. "
+            "And what about the summer and the autumn?")
+    prompts = tmp_path / "prompts.jsonl"  # four long prompts and four short: packed, short ones share a row
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [long, "Hi", long, "2 + 2?"] * 2))
+    results = []
+    for padding_free in (False, True):
+        run = RLRun(ppo_cfg(tiny_qwen2, rm_dir, prompts, tmp_path / f"out{padding_free}", padding_free=padding_free,
+                             critic=critic, micro_batch_size=4, generation=dict(max_new_tokens=12, batch_size=8)))
+        ro, _ = run.rollout()
+        calls = []  # (rows, attention mask given) of each forward pass of the policy's body in the update
+        hook = backbone(run.m.policy).register_forward_pre_hook(
+            lambda _m, _a, kw: calls.append((kw["input_ids"].shape[0], kw.get("attention_mask") is not None)),
+            with_kwargs=True)
+        stats = run.update(ro)
+        hook.remove()
+        results.append((ro, calls, stats, {n: p.detach().clone() for n, p in run.m.policy.named_parameters()},
+                        [p.detach().clone() for p in run.m.critic_parameters()]))
+    (a, calls_a, sa, pa, ca), (b, calls_b, sb, pb, cb) = results
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.advantages, b.advantages)  # the same rollout
+    assert calls_a == [(4, True), (4, True)]
+    assert all(not masked for _, masked in calls_b) and sum(rows for rows, _ in calls_b) < 8  # packed: fewer rows
+    assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
+    assert not all(torch.equal(pa[n], run.m.reference.state_dict()[n]) for n in pa)  # and the step moved them
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ca, cb))
+    for key in ("policy/loss", "policy/approxkl", "policy/entropy", "val/loss"):
+        assert sb[key] == pytest.approx(sa[key], abs=1e-5), key
 
 
 @pytest.mark.parametrize("setting,key", [

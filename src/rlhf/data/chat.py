@@ -262,6 +262,21 @@ def pad_right(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Rows of sample indices whose lengths fit in ``width`` together: longest first, each into the first row with
+    room (first-fit decreasing). Ties keep the samples' order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
 def pack_right(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Collate for training without padding's waste (``pad_id`` is unused): the batch's samples packed into as few rows as hold them,
     each row as wide as the longest sample (first fit, longest first). Each sample's ``position_ids`` start at 0,
@@ -270,16 +285,7 @@ def pack_right(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]
     padded, and the same samples make the same step. A row's unused tail is one more segment, not scored.
     ``token_mask`` (1 on the samples' tokens) is for counting only: the model is not given it."""
     width = max(len(e.input_ids) for e in batch)
-    rows: list[list[Encoded]] = []
-    room: list[int] = []
-    for e in sorted(batch, key=lambda e: -len(e.input_ids)):
-        n = len(e.input_ids)
-        i = next((r for r, free in enumerate(room) if free >= n), len(rows))
-        if i == len(rows):
-            rows.append([])
-            room.append(width)
-        rows[i].append(e)
-        room[i] -= n
+    rows = [[batch[i] for i in row] for row in first_fit([len(e.input_ids) for e in batch], width)]
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, T)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, T)
     positions = torch.zeros((len(rows), width), dtype=torch.long)  # (R, T)

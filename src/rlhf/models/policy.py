@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 
 from rlhf.algos.core import position_ids_from_mask
+from rlhf.data.chat import first_fit
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -34,15 +36,15 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
 PLAIN_HEAD_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
 
 
-# Causal LMs whose attention mask transformers builds from restarting position_ids (packed samples, no
-# attention_mask): tests/test_model_families.py checks packed against padded for each family it builds.
-PACKED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM",
-                        "GPT2LMHeadModel")
+# Transformer bodies whose attention mask transformers builds from restarting position_ids (packed samples, no
+# attention_mask), under a causal LM or a sequence classifier: tests/test_model_families.py checks packed against
+# padded for each family it builds.
+PACKED_BACKBONES = ("LlamaModel", "MistralModel", "Qwen2Model", "Gemma2Model", "GPT2Model")
 
 
 def packs_samples(model: torch.nn.Module) -> bool:
-    """The model keeps packed samples apart (``rlhf.data.chat.pack_right``'s batches)."""
-    return type(unwrap(model)).__name__ in PACKED_ARCHITECTURES
+    """The model keeps packed samples apart (``rlhf.data.chat.pack_right``'s batches and ``pack_rows``')."""
+    return type(backbone(model)).__name__ in PACKED_BACKBONES
 
 
 def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -86,24 +88,94 @@ def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     states (B, A, H) of the same positions (for a value head on the policy), read off the backbone's output.
     """
     n_response = input_ids.shape[1] - n_prompt
-    captured: dict[str, torch.Tensor] = {}
-    hook = None
-    if with_hidden:
-        def keep(_module, _args, output):
-            captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-        hook = backbone(model).register_forward_hook(keep)
     # logits_to_keep=A + 1: positions P - 1 ... T - 1; the last one predicts past the response and is dropped.
     keep_arg = {"logits_to_keep": n_response + 1} if keeps_logits(type(unwrap(model))) else {}
+    out, hidden = forward_with_hidden(model, with_hidden, input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep_arg)
+    logits = out.logits[:, -(n_response + 1) : -1].float() / temperature  # (B, A, V)
+    return logits, hidden[:, n_prompt - 1 : -1] if with_hidden else None  # (B, A, H)
+
+
+def forward_with_hidden(model: torch.nn.Module, with_hidden: bool, **inputs) -> tuple[object, torch.Tensor | None]:
+    """The model's output on ``inputs`` and, with ``with_hidden``, its backbone's final hidden states (B, T, H)
+    (read by a hook: the output holds the logits only)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _args, output):
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    hook = backbone(model).register_forward_hook(keep) if with_hidden else None
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                    use_cache=False, **keep_arg)
+        out = model(**inputs)
     finally:
         if hook is not None:
             hook.remove()
-    logits = out.logits[:, -(n_response + 1) : -1].float() / temperature  # (B, A, V)
-    hidden = captured["hidden"][:, n_prompt - 1 : -1] if with_hidden else None  # (B, A, H)
-    return logits, hidden
+    return out, captured.get("hidden")
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """A (prompt, response) batch without its padding: each sample's real tokens (its left-padded prompt's and
+    right-padded response's, contiguous) side by side in as few rows as hold them, positions restarting at 0 at
+    each sample and no attention mask, so transformers keeps attention within each sample (``packs_samples``):
+    each state is the padded batch's, with no padding computed."""
+
+    input_ids: torch.Tensor  # (R, W) W: the longest sample; a row's unused tail repeats its last token
+    position_ids: torch.Tensor  # (R, W) 0, 1, ... within each sample, as position_ids_from_mask gives padded
+    index: torch.Tensor  # (B, A) flat position in (R * W) of the state before each response token (0 past its end)
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> PackedRows:
+    """Pack a left-padded prompt + right-padded response batch (B, T) for ``packed_hidden`` and
+    ``packed_response_logits``, which return what ``response_hidden`` and ``response_logits`` do on the batch."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)  # (B,)
+    starts = mask.long().argmax(1)  # (B,) the first real token: left padding before it
+    ends = mask.shape[1] - mask.long().flip(1).argmax(1)  # (B,) one past the last real token
+    if not torch.equal(ends - starts, lengths):
+        raise ValueError("pack_rows: each row's real tokens must be contiguous (a left-padded prompt, then the response)")
+    b, t = input_ids.shape
+    n_response = t - n_prompt
+    width = int(lengths.max())
+    rows = first_fit(lengths.tolist(), width)
+    ids = torch.empty((len(rows), width), dtype=input_ids.dtype, device=input_ids.device)  # (R, W)
+    positions = torch.empty((len(rows), width), dtype=torch.long, device=input_ids.device)  # (R, W)
+    index = torch.zeros((b, n_response), dtype=torch.long, device=input_ids.device)  # (B, A)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n, s = int(lengths[i]), int(starts[i])
+            ids[r, at : at + n] = input_ids[i, s : s + n]
+            positions[r, at : at + n] = torch.arange(n)
+            # Response token a is predicted by padded column P - 1 + a, at (P - 1 + a - s) within the sample.
+            n_real = n - (n_prompt - s)  # the response's real tokens
+            index[i, :n_real] = r * width + at + (n_prompt - 1 - s) + torch.arange(n_real, device=index.device)
+            at += n
+        ids[r, at:] = ids[r, at - 1]  # the unused tail: one more segment, read by no index
+        positions[r, at:] = torch.arange(width - at)
+    return PackedRows(ids, positions, index)
+
+
+def packed_hidden(model: torch.nn.Module, packed: PackedRows) -> torch.Tensor:
+    """Final hidden states of the states that predict each response token, from packed rows: (B, A, H)."""
+    hidden = backbone(model)(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                             use_cache=False).last_hidden_state  # (R, W, H)
+    return hidden.flatten(0, 1)[packed.index]  # (B, A, H)
+
+
+def packed_response_logits(model: torch.nn.Module, packed: PackedRows, temperature: float, *,
+                           with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``response_logits`` from packed rows: (B, A, V) fp32 at the temperature, and (B, A, H) with ``with_hidden``.
+    A plain head is applied to the response states only; other models give logits through their own forward
+    (every position's), so their transforms of the logits apply."""
+    head = plain_lm_head(model)
+    if head is not None:
+        hidden = packed_hidden(model, packed)  # (B, A, H)
+        return head(hidden).float() / temperature, hidden if with_hidden else None
+    out, hidden = forward_with_hidden(model, with_hidden, input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                      use_cache=False)  # logits (R, W, V), hidden (R, W, H)
+    logits = out.logits.flatten(0, 1)[packed.index].float() / temperature  # (B, A, V)
+    return logits, hidden.flatten(0, 1)[packed.index] if with_hidden else None
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

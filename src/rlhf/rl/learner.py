@@ -17,7 +17,7 @@ from rlhf.algos.core import causal_lm_loss, masked_mean
 from rlhf.algos.ppo import entropy_from_logits, ppo_policy_loss, value_loss
 from rlhf.config import PPOConfig
 from rlhf.data.chat import Encoded, pad_right
-from rlhf.models.policy import gather_logprobs, response_logits
+from rlhf.models.policy import gather_logprobs, pack_rows, packed_response_logits, response_logits
 from rlhf.rl.algorithms import Algorithm
 from rlhf.rl.experience import autocast, micro_batches
 from rlhf.rl.models import Models
@@ -31,6 +31,7 @@ class Learner:
                  seed_of: Callable[[str], int]):
         self.cfg, self.m, self.algorithm, self.device, self.ptx = cfg, models, algorithm, device, ptx
         self.seed_of = seed_of  # the current iteration's seed for a purpose (minibatch order, ptx rows)
+        self.packed = cfg.padding_free and models.packs_samples()  # micro-batches without their padding
         self.policy_params = [p for p in models.policy.parameters() if p.requires_grad]
         self.policy_opt = torch.optim.AdamW(self.policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-5)
         critic = models.critic_parameters()
@@ -118,11 +119,17 @@ class Learner:
         lead = int(am[:, : ro.n_prompt].any(dim=0).long().argmax())
         n_prompt = ro.n_prompt - lead
         ids, am, mask = ids[:, lead : ro.n_prompt + width], am[:, lead : ro.n_prompt + width], mask[:, :width]
+        t, with_hidden = cfg.generation.temperature, m.value_head is not None
         with autocast(cfg, self.device):
-            logits, hidden = response_logits(m.policy, ids, am, n_prompt, cfg.generation.temperature,
-                                             with_hidden=m.value_head is not None)  # (b, a, V), (b, a, H)
+            if self.packed:  # the same logits, hidden states and values, without the padding's computation
+                packed = pack_rows(ids, am, n_prompt)
+                logits, hidden = packed_response_logits(m.policy, packed, t, with_hidden=with_hidden)
+            else:
+                packed = None
+                logits, hidden = response_logits(m.policy, ids, am, n_prompt, t, with_hidden=with_hidden)
+            # logits (b, a, V), hidden (b, a, H)
             logprobs = gather_logprobs(logits, ids[:, n_prompt :])
-            values = m.values(ids, am, n_prompt, hidden) if m.has_critic else None
+            values = m.values(ids, am, n_prompt, hidden, packed) if m.has_critic else None
         pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)
         with torch.set_grad_enabled(cfg.ent_coef != 0):  # without a bonus it is a statistic: no backward through it
             entropy = masked_mean(entropy_from_logits(logits), mask)

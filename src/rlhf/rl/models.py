@@ -9,7 +9,8 @@ import torch
 from rlhf.config import PPOConfig
 from rlhf.configlib import ConfigError
 from rlhf.models.loading import apply_lora, load_causal_lm
-from rlhf.models.policy import ValueHead, response_hidden, response_logits, unwrap
+from rlhf.models.policy import (PackedRows, ValueHead, packed_hidden, packs_samples, response_hidden, response_logits,
+                                unwrap)
 from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders
 
 
@@ -27,12 +28,17 @@ class Models:
     same_tokenizer: bool  # the reward model reads the policy's tokens as they are
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
-               policy_hidden: torch.Tensor | None) -> torch.Tensor:
-        """Critic values (B, A) of the state before each response token."""
+               policy_hidden: torch.Tensor | None, packed: PackedRows | None = None) -> torch.Tensor:
+        """Critic values (B, A) of the state before each response token (the critic reads ``packed`` where given)."""
         if self.value_head is not None:
             return self.value_head(policy_hidden)
-        hidden = response_hidden(self.critic, input_ids, attention_mask, n_prompt)  # (B, A, H)
+        hidden = (packed_hidden(self.critic, packed) if packed is not None
+                  else response_hidden(self.critic, input_ids, attention_mask, n_prompt))  # (B, A, H)
         return unwrap(self.critic).score(hidden).squeeze(-1).float()
+
+    def packs_samples(self) -> bool:
+        """The policy and the critic keep packed samples apart (``rlhf.models.policy.pack_rows``)."""
+        return packs_samples(self.policy) and (self.critic is None or packs_samples(self.critic))
 
     @property
     def has_critic(self) -> bool:
