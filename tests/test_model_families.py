@@ -291,7 +291,7 @@ def test_micro_batched_rollout_and_update_equal_the_whole_batch(critic, tiny_lla
     results = []
     for micro in (None, 3):
         run = RLRun(ppo_cfg(tiny_llama3, rm_dir, prompts, tmp_path / f"out{micro}", micro_batch_size=micro,
-                             critic=critic, mini_batch_size=8))
+                             critic=critic, mini_batch_size=8, padding_free=False))  # padded: the passes' shapes
         shapes = {"policy": [], "reference": []}  # (rows, width) of each forward pass
         hooks = [getattr(run.m, name).register_forward_pre_hook(
             lambda _m, _a, kw, name=name: shapes[name].append(tuple(kw["input_ids"].shape)), with_kwargs=True)
@@ -318,8 +318,9 @@ def test_micro_batched_rollout_and_update_equal_the_whole_batch(critic, tiny_lla
 
 @pytest.mark.parametrize("critic", ["reward_model", "policy"])
 def test_padding_free_update_equals_the_padded_one(critic, tiny_qwen2, tmp_path):
-    """The update's packed micro-batches (ppo.padding_free) make the padded update's step: the same policy and
-    critic parameters after it and the same statistics, from fewer rows and no attention mask."""
+    """Packed micro-batches (ppo.padding_free) score the rollout as padded ones do and make the padded update's
+    step: the same reference log-probs, values and advantages, the same parameters after the step and the same
+    statistics, from fewer rows and no attention mask."""
     rm_dir = save_rm(tiny_qwen2, tmp_path / "rm", stats=(0.0, 1.0))
     long = ("Tell me, in a few words and without any list, what the weather in Paris is like in the spring. "
             "And what about the summer and the autumn?")
@@ -329,19 +330,26 @@ def test_padding_free_update_equals_the_padded_one(critic, tiny_qwen2, tmp_path)
     for padding_free in (False, True):
         run = RLRun(ppo_cfg(tiny_qwen2, rm_dir, prompts, tmp_path / f"out{padding_free}", padding_free=padding_free,
                              critic=critic, micro_batch_size=4, generation=dict(max_new_tokens=12, batch_size=8)))
+        calls = {"reference": [], "policy": []}  # (rows, attention mask given) of each pass of the model's body
+        hooks = [backbone(getattr(run.m, name)).register_forward_pre_hook(
+            lambda _m, _a, kw, name=name: calls[name].append((kw["input_ids"].shape[0], "attention_mask" in kw)),
+            with_kwargs=True) for name in calls]
         ro, _ = run.rollout()
-        calls = []  # (rows, attention mask given) of each forward pass of the policy's body in the update
-        hook = backbone(run.m.policy).register_forward_pre_hook(
-            lambda _m, _a, kw: calls.append((kw["input_ids"].shape[0], kw.get("attention_mask") is not None)),
-            with_kwargs=True)
+        calls["policy"].clear()  # its passes in generation
         stats = run.update(ro)
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         results.append((ro, calls, stats, {n: p.detach().clone() for n, p in run.m.policy.named_parameters()},
                         [p.detach().clone() for p in run.m.critic_parameters()]))
     (a, calls_a, sa, pa, ca), (b, calls_b, sb, pb, cb) = results
-    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.advantages, b.advantages)  # the same rollout
-    assert calls_a == [(4, True), (4, True)]
-    assert all(not masked for _, masked in calls_b) and sum(rows for rows, _ in calls_b) < 8  # packed: fewer rows
+    assert torch.equal(a.input_ids, b.input_ids)  # the same samples, scored alike
+    for field in ("ref_logprobs", "values", "advantages", "returns"):
+        assert torch.allclose(getattr(a, field), getattr(b, field), atol=1e-5), field
+    # padded: the reference's two scoring passes, the policy's two update passes (its rollout log-probs are the
+    # engine's); packed: fewer rows, no attention mask
+    assert calls_a == {"reference": [(4, True), (4, True)], "policy": [(4, True), (4, True)]}
+    for name, passes in calls_b.items():
+        assert len(passes) == 2 and all(not masked for _, masked in passes) and sum(r for r, _ in passes) < 8, name
     assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
     assert not all(torch.equal(pa[n], run.m.reference.state_dict()[n]) for n in pa)  # and the step moved them
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ca, cb))

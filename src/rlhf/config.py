@@ -744,10 +744,11 @@ class PPOConfig:
     update, whose gradients accumulate over a minibatch's micro-batches: memory scales with it, not with
     batch_size (null: whole minibatches, and the whole rollout at once). The same results up to float rounding."""
     padding_free: bool = True
-    """Pack each micro-batch of the update without its padding (each sample's prompt and response tokens side by
-    side in as few rows as hold them, attention within each sample): the padded micro-batch's log-probs, values
-    and gradients with less computed. Used where the policy's and critic's architectures mask packed samples
-    (Llama, Mistral, Qwen2, Gemma-2, GPT-2); padded micro-batches elsewhere."""
+    """Pack each micro-batch of the rollout's scoring (policy, reference, critic) and of the update without its
+    padding (each sample's prompt and response tokens side by side in as few rows as hold them, attention within
+    each sample): the padded micro-batch's log-probs, values and gradients with less computed. Used where the
+    policy's, reference's and critic's architectures mask packed samples (Llama, Mistral, Qwen2, Gemma-2, GPT-2);
+    padded micro-batches elsewhere."""
     gradient_checkpointing: bool = False
     """Recompute the policy's (and critic's) activations in the backward pass of the update: less memory, slower."""
     mixed_precision: Literal["no", "bf16"] = "no"

@@ -57,13 +57,16 @@ def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     return head
 
 
-def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int
-                    ) -> torch.Tensor:
+def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
+                    packed: PackedRows | None = None) -> torch.Tensor:
     """Final hidden states of the states that predict each response token: (B, T) -> (B, A, H).
 
     Position P - 1 + a holds the state before response token a. Positions come from the mask, the
-    same positions generation used for the left-padded prompt.
+    same positions generation used for the left-padded prompt. With ``packed`` (``pack_rows`` of the batch),
+    the same states are read off the packed rows.
     """
+    if packed is not None:
+        return packed_hidden(model, packed)
     hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     return hidden[:, n_prompt - 1 : -1]  # (B, A, H)
@@ -82,11 +85,15 @@ def cache_kwarg(module: torch.nn.Module, cache) -> dict:
 
 
 def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
-                    temperature: float, *, with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    temperature: float, *, with_hidden: bool = False, packed: PackedRows | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next-token logits (B, A, V) of the response tokens in fp32 at the sampling temperature, from the causal
     LM's own forward: the distribution tokens were drawn from. With ``with_hidden``, also the final hidden
     states (B, A, H) of the same positions (for a value head on the policy), read off the backbone's output.
+    With ``packed`` (``pack_rows`` of the batch), the same from the packed rows.
     """
+    if packed is not None:
+        return packed_response_logits(model, packed, temperature, with_hidden=with_hidden)
     n_response = input_ids.shape[1] - n_prompt
     # logits_to_keep=A + 1: positions P - 1 ... T - 1; the last one predicts past the response and is dropped.
     keep_arg = {"logits_to_keep": n_response + 1} if keeps_logits(type(unwrap(model))) else {}

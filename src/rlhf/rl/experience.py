@@ -23,7 +23,7 @@ from rlhf.algos.core import masked_sum
 from rlhf.algos.ppo import entropy_from_logits
 from rlhf.config import PPOConfig
 from rlhf.configlib import ConfigError
-from rlhf.models.policy import gather_logprobs, response_logits
+from rlhf.models.policy import gather_logprobs, pack_rows, response_logits
 from rlhf.models.reward import member_mean_std
 from rlhf.rl.models import Models, fold_normalisation, score_head
 from rlhf.rl.prompts import PromptStream
@@ -50,6 +50,7 @@ class ExperienceMaker:
                  components: Sequence[RewardComponent], device: torch.device):
         self.cfg, self.m, self.prompts, self.engine, self.processor = cfg, models, prompts, engine, processor
         self.components, self.device = list(components), device
+        self.packed = cfg.padding_free and models.packs_samples()  # scoring passes without their padding
 
     @torch.no_grad()
     def make(self, idx: list[int], seed: int) -> tuple[Rollout, dict[str, float]]:
@@ -120,6 +121,7 @@ class ExperienceMaker:
         logprobs, ref_logprobs, values, entropy = [], [], [], torch.zeros((), device=mask.device)
         for part in micro_batches(len(mask), self.cfg.micro_batch_size):
             ids, am, tokens, mk = sampled.input_ids[part], sampled.attention_mask[part], sampled.responses[part], mask[part]
+            packed = pack_rows(ids, am, n_prompt) if self.packed else None
             with autocast(self.cfg, self.device):
                 hidden = None
                 if from_engine:
@@ -127,13 +129,14 @@ class ExperienceMaker:
                     logprobs.append(sampled.logprobs[part])
                     entropy += masked_sum(sampled.entropy[part], mk)
                 else:
-                    logits, hidden = response_logits(m.policy, ids, am, n_prompt, t, with_hidden=m.value_head is not None)
+                    logits, hidden = response_logits(m.policy, ids, am, n_prompt, t, with_hidden=m.value_head is not None,
+                                                     packed=packed)
                     logprobs.append(gather_logprobs(logits, tokens) * mk)  # (b, A)
                     entropy += masked_sum(entropy_from_logits(logits), mk)
                     del logits
-                ref_logprobs.append(gather_logprobs(m.reference_logits(ids, am, n_prompt, t), tokens) * mk)
+                ref_logprobs.append(gather_logprobs(m.reference_logits(ids, am, n_prompt, t, packed), tokens) * mk)
                 if m.has_critic:
-                    values.append(m.values(ids, am, n_prompt, hidden) * mk)
+                    values.append(m.values(ids, am, n_prompt, hidden, packed) * mk)
         return (torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values) if values else None,
                 entropy / mask.sum().clamp(min=1))
 

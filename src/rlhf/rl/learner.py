@@ -17,7 +17,7 @@ from rlhf.algos.core import causal_lm_loss, masked_mean
 from rlhf.algos.ppo import entropy_from_logits, ppo_policy_loss, value_loss
 from rlhf.config import PPOConfig
 from rlhf.data.chat import Encoded, pad_right
-from rlhf.models.policy import gather_logprobs, pack_rows, packed_response_logits, response_logits
+from rlhf.models.policy import gather_logprobs, pack_rows, response_logits
 from rlhf.rl.algorithms import Algorithm
 from rlhf.rl.experience import autocast, micro_batches
 from rlhf.rl.models import Models
@@ -120,14 +120,10 @@ class Learner:
         n_prompt = ro.n_prompt - lead
         ids, am, mask = ids[:, lead : ro.n_prompt + width], am[:, lead : ro.n_prompt + width], mask[:, :width]
         t, with_hidden = cfg.generation.temperature, m.value_head is not None
+        packed = pack_rows(ids, am, n_prompt) if self.packed else None  # the same numbers, no padding computed
         with autocast(cfg, self.device):
-            if self.packed:  # the same logits, hidden states and values, without the padding's computation
-                packed = pack_rows(ids, am, n_prompt)
-                logits, hidden = packed_response_logits(m.policy, packed, t, with_hidden=with_hidden)
-            else:
-                packed = None
-                logits, hidden = response_logits(m.policy, ids, am, n_prompt, t, with_hidden=with_hidden)
-            # logits (b, a, V), hidden (b, a, H)
+            logits, hidden = response_logits(m.policy, ids, am, n_prompt, t, with_hidden=with_hidden,
+                                             packed=packed)  # (b, a, V), (b, a, H)
             logprobs = gather_logprobs(logits, ids[:, n_prompt :])
             values = m.values(ids, am, n_prompt, hidden, packed) if m.has_critic else None
         pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx, :width], ro.advantages[idx, :width], mask, cfg.cliprange)

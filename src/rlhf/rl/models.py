@@ -9,8 +9,7 @@ import torch
 from rlhf.config import PPOConfig
 from rlhf.configlib import ConfigError
 from rlhf.models.loading import apply_lora, load_causal_lm
-from rlhf.models.policy import (PackedRows, ValueHead, packed_hidden, packs_samples, response_hidden, response_logits,
-                                unwrap)
+from rlhf.models.policy import PackedRows, ValueHead, packs_samples, response_hidden, response_logits, unwrap
 from rlhf.models.reward import RewardModel, load_reward_backbone, member_folders
 
 
@@ -32,13 +31,12 @@ class Models:
         """Critic values (B, A) of the state before each response token (the critic reads ``packed`` where given)."""
         if self.value_head is not None:
             return self.value_head(policy_hidden)
-        hidden = (packed_hidden(self.critic, packed) if packed is not None
-                  else response_hidden(self.critic, input_ids, attention_mask, n_prompt))  # (B, A, H)
+        hidden = response_hidden(self.critic, input_ids, attention_mask, n_prompt, packed)  # (B, A, H)
         return unwrap(self.critic).score(hidden).squeeze(-1).float()
 
     def packs_samples(self) -> bool:
-        """The policy and the critic keep packed samples apart (``rlhf.models.policy.pack_rows``)."""
-        return packs_samples(self.policy) and (self.critic is None or packs_samples(self.critic))
+        """The policy, the reference and the critic keep packed samples apart (``rlhf.models.policy.pack_rows``)."""
+        return all(packs_samples(m) for m in (self.policy, self.reference, self.critic) if m is not None)
 
     @property
     def has_critic(self) -> bool:
@@ -52,12 +50,13 @@ class Models:
         module = self.critic_module
         return [p for p in module.parameters() if p.requires_grad] if module is not None else []
 
-    def reference_logits(self, input_ids, attention_mask, n_prompt, temperature: float) -> torch.Tensor:
+    def reference_logits(self, input_ids, attention_mask, n_prompt, temperature: float,
+                         packed: PackedRows | None = None) -> torch.Tensor:
         """The reference's response logits (B, A, V), as ``response_logits`` computes the policy's."""
         if self.reference is not None:
-            return response_logits(self.reference, input_ids, attention_mask, n_prompt, temperature)[0]
+            return response_logits(self.reference, input_ids, attention_mask, n_prompt, temperature, packed=packed)[0]
         with self.policy.disable_adapter():  # LoRA: base weights without adapters, LM head included, = the initial policy
-            return response_logits(self.policy, input_ids, attention_mask, n_prompt, temperature)[0]
+            return response_logits(self.policy, input_ids, attention_mask, n_prompt, temperature, packed=packed)[0]
 
 
 def load_models(cfg: PPOConfig, device: torch.device, with_critic: bool = True) -> Models:
