@@ -44,7 +44,8 @@ PACKED_BACKBONES = ("LlamaModel", "MistralModel", "Qwen2Model", "Gemma2Model", "
 
 def packs_samples(model: torch.nn.Module) -> bool:
     """The model keeps packed samples apart (``rlhf.data.chat.pack_right``'s batches and ``pack_rows``')."""
-    return type(backbone(model)).__name__ in PACKED_BACKBONES
+    base = unwrap(model)
+    return type(getattr(base, base.base_model_prefix, None)).__name__ in PACKED_BACKBONES
 
 
 def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
