@@ -39,7 +39,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The tests start many short Python processes: byte-compile the environment once (what pip does by default), so
-# that each of them does not compile its imports again where PYTHONDONTWRITEBYTECODE is set.
+# that each of them does not compile its imports again where PYTHONDONTWRITEBYTECODE is set. compileall exits
+# non-zero on the files some packages ship that are not meant to compile (templates, Python 2 examples).
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	@# The feedback app's browser test drives Debian's chromium through Playwright (best effort: needs root and apt).
